@@ -1,0 +1,92 @@
+"""Shared fixtures: real HAM10000 data from ``../shared/data`` beside the checkout.
+
+``SLC_SHARED_DATA`` overrides the location. Tests never download anything.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from skin_lesion_classifier.constants import CLASS_TO_INDEX, CLASSES
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(
+    os.environ.get("SLC_SHARED_DATA", PROJECT_ROOT.parent / "shared" / "data")
+).resolve()
+
+
+def _require(path: Path) -> Path:
+    if not path.exists():
+        pytest.fail(
+            f"test data not found at {path}; put the shared HAM10000 data there "
+            "or set SLC_SHARED_DATA"
+        )
+    return path
+
+
+@pytest.fixture(scope="session")
+def project_root() -> Path:
+    return PROJECT_ROOT
+
+
+@pytest.fixture(scope="session")
+def ham10000_dir() -> Path:
+    """The full HAM10000 at 200x150: ``HAM10000_metadata.csv`` + ``images/``."""
+    return _require(SHARED_DATA / "ham10000")
+
+
+@pytest.fixture(scope="session")
+def samples_dir() -> Path:
+    """21 images at the original 600x450 + ``HAM10000_metadata_samples.csv``."""
+    return _require(SHARED_DATA / "ham10000-samples")
+
+
+@pytest.fixture(scope="session")
+def metadata_df(ham10000_dir: Path) -> pd.DataFrame:
+    """The original 10,015-row metadata, as read from disk."""
+    return pd.read_csv(ham10000_dir / "HAM10000_metadata.csv")
+
+
+def make_small_split(
+    metadata: pd.DataFrame, image_dir: Path, per_class: int = 8, seed: int = 0
+) -> pd.DataFrame:
+    """A small, real, lesion-aware split: ``per_class`` lesions per class (one image each),
+    half train, a quarter val, a quarter test. Columns follow the ``image_index`` +
+    ``split_assignment`` contract (see docs/architecture.md)."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    first = metadata.drop_duplicates("lesion_id")
+    for dx in CLASSES:
+        lesions = first[first.dx == dx]
+        pick = lesions.iloc[rng.choice(len(lesions), size=per_class, replace=False)]
+        n_train, n_val = per_class // 2, per_class // 4
+        for k, (_, r) in enumerate(pick.iterrows()):
+            split = "train" if k < n_train else ("val" if k < n_train + n_val else "test")
+            rows.append(
+                {
+                    "image_id": r.image_id,
+                    "lesion_id": r.lesion_id,
+                    "group_id": r.lesion_id,
+                    "dx": dx,
+                    "label": CLASS_TO_INDEX[dx],
+                    "dx_type": r.dx_type,
+                    "age": r.age,
+                    "sex": r.sex,
+                    "localization": r.localization,
+                    "path": str(image_dir / f"{r.image_id}.jpg"),
+                    "split": split,
+                    "fold": -1,
+                }
+            )
+    return pd.DataFrame(rows)
+
+
+@pytest.fixture(scope="session")
+def small_split(metadata_df: pd.DataFrame, ham10000_dir: Path) -> pd.DataFrame:
+    """56 real 200x150 images (8 lesions per class) with a train/val/test split."""
+    return make_small_split(metadata_df, ham10000_dir / "images", per_class=8)
