@@ -66,7 +66,9 @@ def make_small_split(
         pick = lesions.iloc[rng.choice(len(lesions), size=per_class, replace=False)]
         n_train, n_val = per_class // 2, per_class // 4
         for k, (_, r) in enumerate(pick.iterrows()):
-            split = "train" if k < n_train else ("val" if k < n_train + n_val else "test")
+            split = (
+                "train" if k < n_train else ("val" if k < n_train + n_val else "test")
+            )
             rows.append(
                 {
                     "image_id": r.image_id,

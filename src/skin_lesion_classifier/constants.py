@@ -33,7 +33,9 @@ MELANOMA_INDEX: int = CLASSES.index(MELANOMA)
 CLASS_TO_INDEX: dict[str, int] = {c: i for i, c in enumerate(CLASSES)}
 
 #: Index permutation: ``probs[:, ISIC_PERMUTATION]`` puts project-order columns in ISIC order.
-ISIC_PERMUTATION: tuple[int, ...] = tuple(CLASSES.index(c.lower()) for c in ISIC_COLUMNS)
+ISIC_PERMUTATION: tuple[int, ...] = tuple(
+    CLASSES.index(c.lower()) for c in ISIC_COLUMNS
+)
 
 
 def to_isic_order(probabilities: np.ndarray) -> np.ndarray:

@@ -20,7 +20,9 @@ def detect_device(preference: str = "auto") -> torch.device:
     """
     pref = (preference or "auto").lower()
     if pref.split(":")[0] not in _VALID:
-        raise ValueError(f"unknown device {preference!r}; use one of {', '.join(_VALID)}")
+        raise ValueError(
+            f"unknown device {preference!r}; use one of {', '.join(_VALID)}"
+        )
     if pref == "auto":
         if torch.cuda.is_available():
             device = torch.device("cuda")
@@ -31,10 +33,14 @@ def detect_device(preference: str = "auto") -> torch.device:
     else:
         device = torch.device(pref)
         if device.type == "cuda" and not torch.cuda.is_available():
-            raise RuntimeError("device 'cuda' was asked for but CUDA is not available here")
+            raise RuntimeError(
+                "device 'cuda' was asked for but CUDA is not available here"
+            )
         if device.type == "mps" and not (
             getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()
         ):
-            raise RuntimeError("device 'mps' was asked for but Apple MPS is not available here")
+            raise RuntimeError(
+                "device 'mps' was asked for but Apple MPS is not available here"
+            )
     logger.info("Using device %s", device)
     return device

@@ -27,7 +27,9 @@ def load_rgb(source: str | os.PathLike | bytes, name: str | None = None) -> Imag
     composited on white); EXIF orientation is applied. Empty, truncated or undecodable input
     raises :class:`ImageDecodeError` naming the culprit.
     """
-    label = name or (str(source) if not isinstance(source, bytes | bytearray) else "<bytes>")
+    label = name or (
+        str(source) if not isinstance(source, bytes | bytearray) else "<bytes>"
+    )
     try:
         if isinstance(source, bytes | bytearray):
             if len(source) == 0:
@@ -39,10 +41,9 @@ def load_rgb(source: str | os.PathLike | bytes, name: str | None = None) -> Imag
                 raise ImageDecodeError(f"{label}: file not found")
             if fh.stat().st_size == 0:
                 raise ImageDecodeError(f"{label}: empty file (0 bytes)")
-        with Image.open(fh) as img:
-            img.load()  # forces a full decode: truncated files fail here
-            img = ImageOps.exif_transpose(img)
-            return to_rgb(img)
+        with Image.open(fh) as opened:
+            opened.load()  # forces a full decode: truncated files fail here
+            return to_rgb(ImageOps.exif_transpose(opened))
     except ImageDecodeError:
         raise
     except UnidentifiedImageError as exc:
@@ -94,6 +95,8 @@ def resize_rgb(img: Image.Image, size: tuple[int, int]) -> np.ndarray:
     return np.asarray(img, dtype=np.uint8).copy()
 
 
-def load_resized(source: str | os.PathLike | bytes, size: tuple[int, int]) -> np.ndarray:
+def load_resized(
+    source: str | os.PathLike | bytes, size: tuple[int, int]
+) -> np.ndarray:
     """:func:`load_rgb` then :func:`resize_rgb`: a ``(H, W, 3)`` uint8 array."""
     return resize_rgb(load_rgb(source), size)

@@ -26,7 +26,9 @@ def to_float_nchw(
     if isinstance(images, np.ndarray):
         images = torch.from_numpy(np.ascontiguousarray(images))
     if images.ndim != 4 or images.shape[-1] != 3:
-        raise ValueError(f"expected a (N, H, W, 3) uint8 batch, got shape {tuple(images.shape)}")
+        raise ValueError(
+            f"expected a (N, H, W, 3) uint8 batch, got shape {tuple(images.shape)}"
+        )
     x = images.to(device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255.0)
     x = normalize(x, mean, std)
     if channels_last:
@@ -34,7 +36,9 @@ def to_float_nchw(
     return x
 
 
-def normalize(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+def normalize(
+    x: torch.Tensor, mean: Sequence[float], std: Sequence[float]
+) -> torch.Tensor:
     """Normalise a float ``(N, 3, H, W)`` batch in [0, 1]: ``(x - mean) / std``."""
     m = torch.as_tensor(mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
     s = torch.as_tensor(std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)

@@ -46,7 +46,9 @@ def resolve_tta(tta: bool | Sequence[str] | None, height: int, width: int) -> li
         if v not in TTA_VIEWS:
             raise ValueError(f"unknown TTA view {v!r}; choose from {TTA_VIEWS}")
         if v in ("rot90", "rot270") and height != width:
-            raise ValueError(f"TTA view {v!r} needs a square input, got {height}x{width}")
+            raise ValueError(
+                f"TTA view {v!r} needs a square input, got {height}x{width}"
+            )
     return views
 
 
@@ -75,7 +77,9 @@ def predict_proba(
         extra = None
         if extra_inputs is not None:
             extra = torch.as_tensor(
-                extra_inputs[start : start + batch_size], dtype=torch.float32, device=x.device
+                extra_inputs[start : start + batch_size],
+                dtype=torch.float32,
+                device=x.device,
             )
         acc = None
         for v in views:
