@@ -275,3 +275,28 @@ def classification_metrics(
         "per_class": table.to_dict(orient="records"),
         "confusion_matrix": confusion_matrix(y, d, k).tolist(),
     }
+
+
+def f1_vs_training_size(train_counts, f1) -> dict[str, float]:
+    """Least-squares fit ``F1_c = a + b * log10(n_train_c)`` over classes with a finite
+    F1 and ``n_train_c > 0``, and its coefficient of determination
+    ``R^2 = 1 - sum_c (F1_c - fit_c)^2 / sum_c (F1_c - mean F1)^2``
+    (``sklearn.metrics.r2_score``). NaN when fewer than 3 classes qualify or all
+    training sizes are equal."""
+    n = np.asarray(train_counts, dtype=np.float64)
+    f = np.asarray(f1, dtype=np.float64)
+    if n.shape != f.shape:
+        raise ValueError(f"train_counts has shape {n.shape} but f1 has {f.shape}")
+    ok = np.isfinite(f) & (n > 0)
+    nan = {"intercept": float("nan"), "slope": float("nan"), "r2": float("nan")}
+    if ok.sum() < 3 or np.ptp(np.log10(n[ok])) == 0:
+        return {**nan, "n_classes": int(ok.sum())}
+    x = np.log10(n[ok])
+    slope, intercept = np.polyfit(x, f[ok], 1)
+    r2 = skm.r2_score(f[ok], intercept + slope * x)
+    return {
+        "intercept": float(intercept),
+        "slope": float(slope),
+        "r2": float(r2),
+        "n_classes": int(ok.sum()),
+    }
