@@ -71,10 +71,8 @@ def find_image_files(root: str | os.PathLike, suffixes=IMAGE_SUFFIXES) -> pd.Dat
     return pd.DataFrame(rows, columns=FILE_COLUMNS)
 
 
-SIGNATURE_SIZE = (
-    24,
-    32,
-)  # (H, W) of the grey-level thumbnail behind near-duplicate search
+#: (H, W) of the grey-level thumbnail behind near-duplicate search.
+SIGNATURE_SIZE = (24, 32)
 
 
 def image_signature(
@@ -96,7 +94,7 @@ def image_signature(
 
 
 def check_image(path: str | os.PathLike) -> dict:
-    """Decode one file fully; return its size, mode, SHA-256 and dHash, or the reason it failed."""
+    """Decode one file fully; return its size, mode, SHA-256 and near-duplicate signature, or the reason it failed."""
     path = Path(path)
     row = {
         "image_id": path.stem,
@@ -116,9 +114,9 @@ def check_image(path: str | os.PathLike) -> dict:
         return row
     row["sha256"] = hashlib.sha256(data).hexdigest()
     try:
+        img = load_rgb(data, name=str(path))
         with Image.open(io.BytesIO(data)) as probe:
             row["mode"] = probe.mode
-        img = load_rgb(data, name=str(path))
     except ImageDecodeError as exc:
         row["reason"] = str(exc).split(": ", 1)[-1]
         return row

@@ -78,7 +78,7 @@ def validate_metadata(
     an exact duplicate row is kept once, a missing lesion id makes the image its own lesion).
     """
     check_schema(metadata, source)
-    df = metadata.copy()
+    df = metadata.reset_index(drop=True)  # row labels must be unique below
     df.columns = [str(c).strip() for c in df.columns]
     for col, default in OPTIONAL_COLUMNS.items():
         if col not in df.columns:
