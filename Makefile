@@ -1,0 +1,57 @@
+# skin-lesion-classifier: the familiar commands. `make help` lists them.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+KEDRO := KEDRO_DISABLE_TELEMETRY=true $(BIN)/kedro
+# Kedro environment for `make run`: the GPU config (base) where CUDA is present, else the quick
+# CPU config (conf/quick). Override: make run KEDRO_ENV=quick
+KEDRO_ENV ?= $(shell $(BIN)/python -c "import torch; print('local' if torch.cuda.is_available() else 'quick')" 2>/dev/null || echo quick)
+HOST ?= 127.0.0.1
+PORT ?= 8000
+MODEL ?= data/06_models/model.pt
+
+.PHONY: help setup data run train quick-train evaluate report test test-fast lint viz mlflow-ui \
+        show-results serve serve-dev api-docs predict export-onnx bench-train bench-inference clean
+
+help:  ## list the commands
+	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN{FS=":.*?## "}{printf "  make %-16s %s\n", $$1, $$2}'
+
+$(BIN)/kedro: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --upgrade pip
+	$(BIN)/pip install -e ".[dev]"
+	@touch $@
+
+setup: $(BIN)/kedro  ## create .venv and install the project with its pinned stack
+
+data: setup  ## fill data/01_raw (HAM10000_SOURCE=dir, else ../shared/data/ham10000, else download)
+	$(BIN)/python -m skin_lesion_classifier.data.acquire
+
+run: setup  ## the whole pipeline, ingestion -> report (GPU config on CUDA, quick CPU config otherwise)
+	$(KEDRO) run --env $(KEDRO_ENV)
+
+train: setup  ## ingestion, splitting and training with the default (GPU) config
+	$(KEDRO) run --pipelines ingestion,splitting,training
+
+quick-train: setup  ## the same with the quick CPU config (about 20 minutes on 2 cores)
+	$(KEDRO) run --env quick --pipelines ingestion,splitting,training
+
+evaluate: setup  ## evaluation + reporting on the latest model, without retraining
+	$(KEDRO) run --env $(KEDRO_ENV) --pipelines evaluation,reporting
+
+test: setup  ## run the test suite
+	$(BIN)/pytest
+
+lint: setup  ## ruff
+	$(BIN)/ruff check src tests
+
+viz: setup  ## serve the pipeline graph (kedro viz) on localhost
+	$(KEDRO) viz run --host $(HOST)
+
+mlflow-ui: setup  ## the MLflow UI over the local store (mlflow.db)
+	$(KEDRO) mlflow ui
+
+clean:  ## remove pipeline outputs (keeps data/01_raw and the MLflow store)
+	find data/02_intermediate data/03_primary data/04_feature data/05_model_input data/06_models \
+	     data/07_model_output data/08_reporting -type f ! -name .gitkeep -delete
