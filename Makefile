@@ -19,7 +19,6 @@ help:  ## list the commands
 
 $(BIN)/kedro: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --upgrade pip
 	$(BIN)/pip install -e ".[dev]"
 	@touch $@
 
