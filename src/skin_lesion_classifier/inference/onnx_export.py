@@ -1,0 +1,187 @@
+"""ONNX export, dynamic int8 quantisation and a PyTorch-vs-ONNX Runtime agreement check.
+
+The exported graph maps a normalised float ``input`` ``(batch, 3, H, W)`` to ``logits``
+``(batch, C)`` with a dynamic batch axis; the checkpoint meta is stored as JSON in the
+file's ``metadata_props`` (key :data:`predictor.ONNX_META_KEY`), so the ``.onnx`` file is
+self-describing and :class:`predictor.OnnxPredictor` needs nothing else.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from skin_lesion_classifier.inference.predictor import (
+    ONNX_META_KEY,
+    OnnxPredictor,
+    Predictor,
+)
+
+logger = logging.getLogger(__name__)
+
+#: Default tolerance on the max absolute difference of probabilities, fp32 ONNX vs PyTorch.
+FP32_TOLERANCE = 1e-4
+
+
+def _json_meta(meta: Mapping[str, Any]) -> str:
+    def default(o: Any) -> Any:
+        if isinstance(o, np.generic):
+            return o.item()
+        if isinstance(o, np.ndarray | torch.Tensor):
+            return o.tolist()
+        if isinstance(o, Path):
+            return str(o)
+        raise TypeError(
+            f"meta value {o!r} of type {type(o).__name__} is not JSON-serialisable"
+        )
+
+    return json.dumps(dict(meta), default=default)
+
+
+def set_onnx_meta(path: str | os.PathLike, meta: Mapping[str, Any]) -> None:
+    """Write ``meta`` (JSON) into the ONNX file's ``metadata_props``, in place."""
+    import onnx
+
+    model = onnx.load(str(path))
+    props = {p.key: p.value for p in model.metadata_props}
+    props[ONNX_META_KEY] = _json_meta(meta)
+    del model.metadata_props[:]
+    for k, v in props.items():
+        entry = model.metadata_props.add()
+        entry.key, entry.value = k, v
+    onnx.save(model, str(path))
+
+
+def export_onnx(
+    model: torch.nn.Module,
+    meta: Mapping[str, Any],
+    path: str | os.PathLike,
+    opset: int = 18,
+) -> Path:
+    """Export ``model`` (eval mode, CPU) to a single ``.onnx`` file with a dynamic batch axis.
+
+    Uses ``torch.onnx.export`` (the ``torch.export``-based exporter), weights embedded in the
+    file, and stores ``meta`` inside. Returns the path.
+    """
+    if meta.get("uses_metadata"):
+        raise ValueError(
+            "ONNX export supports image-only models; this one fuses patient metadata"
+        )
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    h, w = (int(v) for v in meta["input_size"])
+    model = model.to("cpu").eval()
+    dummy = torch.zeros(2, 3, h, w)
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    with torch.no_grad():
+        torch.onnx.export(
+            model,
+            (dummy,),
+            str(path),
+            input_names=["input"],
+            output_names=["logits"],
+            dynamic_shapes=({0: batch},),
+            opset_version=opset,
+            external_data=False,
+            dynamo=True,
+            verbose=False,
+        )
+    set_onnx_meta(path, meta)
+    logger.info("Exported ONNX model to %s", path)
+    return path
+
+
+def quantize_int8(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
+    """Dynamic int8 quantisation of an exported model with ONNX Runtime.
+
+    ``onnxruntime.quantization.quantize_dynamic`` stores weights as uint8 and quantises
+    activations on the fly (ConvInteger / MatMulInteger); the graph is pre-processed
+    (shape inference, folding) first, as ONNX Runtime recommends. Whether it is faster
+    depends on the CPU: measure with ``skin-lesion-classifier bench-inference``.
+    """
+    import onnx
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    src, dst = Path(src), Path(dst)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    meta_props = {p.key: p.value for p in onnx.load(str(src)).metadata_props}
+    with tempfile.TemporaryDirectory() as tmp:
+        prepped = Path(tmp) / "prepped.onnx"
+        quant_pre_process(str(src), str(prepped), skip_symbolic_shape=True)
+        quantize_dynamic(str(prepped), str(dst), weight_type=QuantType.QUInt8)
+    if ONNX_META_KEY in meta_props:
+        set_onnx_meta(dst, json.loads(meta_props[ONNX_META_KEY]))
+    logger.info("Wrote int8 dynamic-quantised model to %s", dst)
+    return dst
+
+
+def compare_predictors(
+    reference: Predictor, other: Predictor, images: np.ndarray
+) -> dict[str, float]:
+    """How closely ``other`` reproduces ``reference`` on ``(N, H, W, 3)`` uint8 ``images``.
+
+    Returns ``max_abs_diff = max |p_ref - p_other|`` over all images and classes,
+    ``mean_abs_diff`` (the same, averaged) and ``top1_agreement`` (share of images whose
+    arg-max class is the same).
+    """
+    p_ref = reference.predict(images)
+    p_other = other.predict(images)
+    diff = np.abs(p_ref.astype(np.float64) - p_other.astype(np.float64))
+    return {
+        "n_images": len(images),
+        "max_abs_diff": float(diff.max()) if diff.size else 0.0,
+        "mean_abs_diff": float(diff.mean()) if diff.size else 0.0,
+        "top1_agreement": float((p_ref.argmax(1) == p_other.argmax(1)).mean())
+        if len(images)
+        else 1.0,
+    }
+
+
+def export_and_verify(
+    predictor: Predictor,
+    out_path: str | os.PathLike,
+    images: np.ndarray,
+    int8: bool = True,
+    tolerance: float = FP32_TOLERANCE,
+    opset: int = 18,
+) -> dict[str, Any]:
+    """Export a torch predictor to ONNX (and int8), check agreement on ``images``.
+
+    Raises ``ValueError`` when the fp32 export disagrees with PyTorch by more than
+    ``tolerance`` (max abs probability difference). The int8 model's drift is
+    reported, not bounded. Returns a report dict.
+    """
+    if predictor.torch_model is None:
+        raise ValueError("export needs a PyTorch model (a .pt checkpoint)")
+    out_path = Path(out_path)
+    export_onnx(predictor.torch_model, predictor.meta, out_path, opset=opset)
+    fp32 = OnnxPredictor(out_path)
+    report: dict[str, Any] = {
+        "onnx_path": str(out_path),
+        "tolerance": tolerance,
+        "fp32": compare_predictors(predictor, fp32, images),
+    }
+    if report["fp32"]["max_abs_diff"] > tolerance:
+        raise ValueError(
+            f"ONNX Runtime disagrees with PyTorch: max abs probability difference "
+            f"{report['fp32']['max_abs_diff']:.3g} > tolerance {tolerance:g}"
+        )
+    if int8:
+        q_path = out_path.with_name(out_path.stem + ".int8.onnx")
+        quantize_int8(out_path, q_path)
+        report["int8_path"] = str(q_path)
+        report["int8"] = compare_predictors(predictor, OnnxPredictor(q_path), images)
+        report["size_bytes"] = {
+            "fp32": out_path.stat().st_size,
+            "int8": q_path.stat().st_size,
+        }
+    return report
