@@ -209,7 +209,11 @@ def reliability_diagram(
         label="accuracy",
     )
     ax.plot(
-        curve["confidence"], curve["accuracy"], "o", c="C3", label="mean confidence"
+        curve["confidence"],
+        curve["accuracy"],
+        "o",
+        c="C3",
+        label="(mean confidence, accuracy)",
     )
     ax.plot([0, 1], [0, 1], ls="--", c="grey", label="perfect calibration")
     ax.set_ylabel("accuracy of the top label")

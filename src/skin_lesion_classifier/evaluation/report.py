@@ -206,7 +206,7 @@ def _data_section(summary: Mapping[str, Any]) -> list[str]:
     out.append(
         f"{summary['n_images']} images of {summary['n_lesions']} lesions in the split "
         "assignment (HAM10000; diagnoses: "
-        + ", ".join(f"`{c}` {CLASS_NAMES[c].lower()}" for c in CLASSES)
+        + ", ".join(f"`{c}` {CLASS_NAMES[c]}" for c in CLASSES)
         + ")."
     )
     out.append("")
@@ -475,7 +475,13 @@ def build_markdown(
     lines.append("")
 
     imb = metrics.get("class_imbalance")
-    if imb:
+    if imb and imb.get("r2") is None:
+        lines.append(
+            "Class imbalance: no F1-against-training-size fit (it needs at least 3 "
+            "classes with a defined F1 and different training sizes)."
+        )
+        lines.append("")
+    elif imb:
         lines.append(
             f"Class imbalance: F1 = {fmt(imb['intercept'], 2)} + {fmt(imb['slope'], 2)} "
             f"log10(training images), R² = {fmt(imb['r2'])} over {imb['n_classes']} classes."

@@ -1,0 +1,1 @@
+"""Evaluation pipeline: predictions, decision rules chosen on validation, metrics."""

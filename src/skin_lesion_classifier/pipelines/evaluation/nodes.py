@@ -1,0 +1,236 @@
+"""Nodes of the evaluation pipeline: thin wrappers over ``skin_lesion_classifier.evaluation``.
+
+The test split chooses nothing: the decision rule and the melanoma threshold are fitted on
+the validation predictions only and then applied unchanged to test.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from skin_lesion_classifier.constants import CLASSES
+from skin_lesion_classifier.data.images import load_resized
+from skin_lesion_classifier.device import detect_device
+from skin_lesion_classifier.evaluation.decision import (
+    DecisionRule,
+    choose_decision_rule,
+)
+from skin_lesion_classifier.evaluation.evaluate import (
+    evaluate_split,
+    isic_submission,
+    predictions_frame,
+    probabilities_of,
+    train_counts_from,
+)
+from skin_lesion_classifier.evaluation.metrics import f1_vs_training_size
+from skin_lesion_classifier.evaluation.report import headline_rows, to_jsonable
+from skin_lesion_classifier.inference.predict import predict_proba
+from skin_lesion_classifier.models.checkpoint import load_model, read_checkpoint
+
+logger = logging.getLogger(__name__)
+
+
+def _checkpoint_source(model_checkpoint: Any) -> Any:
+    """A path or checkpoint dict for ``load_model`` from whatever the catalog returned."""
+    if isinstance(model_checkpoint, tuple) and len(model_checkpoint) == 2:
+        model, meta = model_checkpoint  # an already loaded (model, meta)
+        return {"state_dict": model.state_dict(), "meta": meta}
+    return model_checkpoint
+
+
+def _rows_of_split(
+    split_assignment: pd.DataFrame, image_index: pd.DataFrame, split: str
+) -> pd.DataFrame:
+    rows = split_assignment[split_assignment["split"] == split]
+    if rows.empty:
+        raise ValueError(f"the split assignment has no {split!r} rows to evaluate")
+    paths = image_index.drop_duplicates("image_id").set_index("image_id")["path"]
+    missing = rows.loc[~rows["image_id"].isin(paths.index), "image_id"].tolist()
+    if missing:
+        raise ValueError(
+            f"{len(missing)} {split} images are not in image_index (first: {missing[:5]})"
+        )
+    return rows.assign(path=rows["image_id"].map(paths).to_numpy()).reset_index(
+        drop=True
+    )
+
+
+def predict_split(
+    model_checkpoint: Any,
+    split_assignment: pd.DataFrame,
+    image_index: pd.DataFrame,
+    params: Mapping[str, Any],
+    split: str,
+) -> pd.DataFrame:
+    """Class probabilities of every image of ``split`` (the ``predictions`` contract).
+
+    Images are decoded from ``image_index.path`` and resized to the model's
+    ``meta["input_size"]`` with the shared resize, so any checkpoint works whatever the
+    resolution of the originals; ``params["tta"]`` averages flips / rotations.
+    """
+    device = detect_device(params.get("device", "auto"))
+    model, meta = load_model(_checkpoint_source(model_checkpoint), device)
+    if meta.get("uses_metadata"):
+        raise ValueError(
+            "this checkpoint fuses patient metadata (uses_metadata=True); the evaluation "
+            "pipeline predicts image-only models"
+        )
+    if list(meta["classes"]) != list(CLASSES):
+        raise ValueError(f"model classes {meta['classes']} differ from {list(CLASSES)}")
+    rows = _rows_of_split(split_assignment, image_index, split)
+    size = tuple(meta["input_size"])
+    images = np.stack([load_resized(p, size) for p in rows["path"]])
+    prob = predict_proba(
+        model,
+        images,
+        meta["mean"],
+        meta["std"],
+        device,
+        batch_size=int(params.get("batch_size", 64)),
+        tta=params.get("tta", False),
+    )
+    logger.info("predicted %d %s images (tta=%s)", len(rows), split, params.get("tta"))
+    return predictions_frame(rows, prob)
+
+
+def predict_validation(model_checkpoint, split_assignment, image_index, params):
+    """:func:`predict_split` on the ``val`` split."""
+    return predict_split(model_checkpoint, split_assignment, image_index, params, "val")
+
+
+def predict_test(model_checkpoint, split_assignment, image_index, params):
+    """:func:`predict_split` on the ``test`` split."""
+    return predict_split(
+        model_checkpoint, split_assignment, image_index, params, "test"
+    )
+
+
+def _train_counts(model_checkpoint: Any, split_assignment: pd.DataFrame) -> list[int]:
+    meta = read_checkpoint(_checkpoint_source(model_checkpoint))["meta"]
+    return train_counts_from(meta, split_assignment)
+
+
+def choose_rule(
+    val_predictions: pd.DataFrame,
+    model_checkpoint: Any,
+    split_assignment: pd.DataFrame,
+    params: Mapping[str, Any],
+) -> dict[str, Any]:
+    """The decision rule and melanoma threshold, chosen on validation predictions only
+    (see :func:`~skin_lesion_classifier.evaluation.decision.choose_decision_rule`)."""
+    if set(val_predictions["split"]) != {"val"}:
+        raise ValueError(
+            "decision rules are chosen on validation only; got predictions of splits "
+            f"{sorted(set(val_predictions['split']))}"
+        )
+    d = params.get("decision", {})
+    mel = params.get("melanoma", {})
+    rule = choose_decision_rule(
+        val_predictions["label"].to_numpy(),
+        probabilities_of(val_predictions),
+        _train_counts(model_checkpoint, split_assignment),
+        val_predictions["lesion_id"].to_numpy(),
+        candidates=tuple(
+            d.get("candidates", ("argmax", "prior_correction", "class_weights"))
+        ),
+        target_prior=d.get("target_prior", "uniform"),
+        melanoma_target_sensitivity=mel.get("target_sensitivity", 0.90),
+        n_folds=int(d.get("n_folds", 5)),
+        min_gain=float(d.get("min_gain", 0.0)),
+        n_sweeps=int(d.get("n_sweeps", 3)),
+    )
+    logger.info(
+        "decision rule chosen on validation: %s, melanoma threshold %s",
+        rule.name,
+        rule.melanoma_threshold,
+    )
+    return to_jsonable(rule.to_dict())
+
+
+def compute_metrics(
+    val_predictions: pd.DataFrame,
+    test_predictions: pd.DataFrame,
+    decision_rule: Mapping[str, Any],
+    model_checkpoint: Any,
+    split_assignment: pd.DataFrame,
+    params: Mapping[str, Any],
+) -> tuple[dict[str, Any], dict[str, dict[str, float]]]:
+    """Every figure of both splits under the arg-max and the chosen rule, plus the
+    headline figures as MLflow metrics (``{name: {"value", "step"}}``)."""
+    rule = DecisionRule.from_dict(decision_rule)
+    meta = read_checkpoint(_checkpoint_source(model_checkpoint))["meta"]
+    boot = params.get("bootstrap", {})
+    kwargs = {
+        "n_bins": int(params.get("calibration_bins", 15)),
+        "n_boot": int(boot.get("n_boot", 1000)),
+        "seed": int(boot.get("seed", 0)),
+        "level": float(boot.get("level", 0.95)),
+        "sensitivity_targets": tuple(
+            params.get("melanoma", {}).get("sensitivity_targets", (0.90, 0.95))
+        ),
+    }
+    splits = {}
+    for name, frame in (("val", val_predictions), ("test", test_predictions)):
+        splits[name] = evaluate_split(
+            frame["label"].to_numpy(),
+            probabilities_of(frame),
+            frame["lesion_id"].to_numpy(),
+            rule,
+            **kwargs,
+        )
+    counts = train_counts_from(meta, split_assignment)
+    f1 = [r["f1"] for r in splits["test"]["chosen"]["per_class"]]
+    metrics = {
+        "model": {
+            "arch": meta["arch"],
+            "input_size": meta["input_size"],
+            "classes": meta["classes"],
+        },
+        "tta": params.get("tta", False),
+        "train_class_counts": dict(zip(CLASSES, counts)),
+        "decision_rule": dict(decision_rule),
+        "bootstrap_settings": {k: kwargs[k] for k in ("n_boot", "seed", "level")},
+        "splits": splits,
+        "class_imbalance": f1_vs_training_size(counts, f1),
+    }
+    metrics = to_jsonable(metrics)
+    metrics["headline"] = to_jsonable(headline_rows(metrics, "test"))
+    return metrics, mlflow_metrics(metrics)
+
+
+def mlflow_metrics(metrics: Mapping[str, Any]) -> dict[str, dict[str, float]]:
+    """Headline figures of both splits as MLflow metrics (NaN / undefined left out)."""
+    out: dict[str, dict[str, float]] = {}
+    for split in ("val", "test"):
+        s = metrics["splits"][split]
+        values = {
+            "balanced_accuracy": s["argmax"]["balanced_accuracy"],
+            "balanced_accuracy_chosen_rule": s["chosen"]["balanced_accuracy"],
+            "accuracy": s["argmax"]["accuracy"],
+            "macro_auc": s["argmax"]["macro_auc"],
+            "log_loss": s["argmax"]["log_loss"],
+            "ece": s["calibration"]["ece"],
+            "mel_auc": s["melanoma"]["auc"],
+            "mel_sensitivity_argmax": s["melanoma"]["argmax"]["sensitivity"],
+            "mel_specificity_argmax": s["melanoma"]["argmax"]["specificity"],
+        }
+        if "threshold" in s["melanoma"]:
+            for k in ("sensitivity", "specificity", "nne"):
+                values[f"mel_{k}_threshold"] = s["melanoma"]["threshold"][k]
+        for key, entry in s["melanoma"]["specificity_at_sensitivity"].items():
+            values[f"mel_specificity_at_sens_{key}"] = entry["specificity"]
+        for k, v in values.items():
+            if v is not None and np.isfinite(v):
+                out[f"{split}_{k}"] = {"value": float(v), "step": 0}
+    return out
+
+
+def make_isic_submission(test_predictions: pd.DataFrame) -> pd.DataFrame:
+    """The test probabilities in ISIC 2018 submission format
+    (``image,MEL,NV,BCC,AKIEC,BKL,DF,VASC``)."""
+    return isic_submission(test_predictions)

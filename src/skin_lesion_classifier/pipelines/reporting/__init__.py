@@ -1,0 +1,1 @@
+"""Reporting pipeline: figures and the per-run Markdown/HTML report."""
