@@ -10,6 +10,10 @@ Examples::
 
 ``--model`` takes a ``.pt`` checkpoint, an ``.onnx`` export, ``runs:/<run_id>/model`` or
 ``models:/<name>/<version>``; the default is ``data/06_models/model.pt``.
+
+Kedro treats ``<package>/cli.py`` as the project's command-line extension: it needs a
+click group named ``cli`` (its commands are added to ``kedro``, so ``kedro predict ...``
+works too) and a ``run`` command (Kedro's own, served lazily through ``__getattr__``).
 """
 
 from __future__ import annotations
@@ -23,6 +27,8 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+import click
 
 from skin_lesion_classifier.api.model_source import DEFAULT_MODEL
 
@@ -50,6 +56,11 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--device", default="cpu", help="cpu, cuda, mps or auto (default %(default)s)"
+    )
+    p.add_argument(
+        "--decision",
+        default=os.environ.get("SLC_DECISION"),
+        help="decision_rule.json to apply (default: checkpoint meta, else decision_rule.json beside the model)",
     )
     p.add_argument(
         "--tracking-uri",
@@ -198,6 +209,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     paths = collect_inputs(inputs, recursive=args.recursive)
     predictor = open_predictor(
         args.model, backend=args.backend, device=detect_device(args.device), tracking_uri=args.tracking_uri,
+        decision_file=args.decision,
         batch_size=args.batch_size, **({"tta": True} if args.tta else {}),
     )  # fmt: skip
     predictions, errors = predict_files(predictor, paths, batch_size=args.batch_size)
@@ -205,7 +217,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     err = Path(args.errors) if args.errors else out.with_name(out.stem + "_errors.csv")
     out.parent.mkdir(parents=True, exist_ok=True)
     err.parent.mkdir(parents=True, exist_ok=True)
-    predictions.to_csv(out, index=False)
+    predictions.to_csv(out, index=False, float_format="%.6f")
     errors.to_csv(err, index=False)
     _echo(
         f"model: {predictor.version} ({predictor.backend}); decision: {predictor.decision.as_dict()}"
@@ -227,6 +239,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         "SLC_THREADS": str(args.threads),
         "MLFLOW_TRACKING_URI": args.tracking_uri,
     }
+    if args.decision:
+        env["SLC_DECISION"] = args.decision
     if args.explain_checkpoint:
         env["SLC_EXPLAIN_CHECKPOINT"] = args.explain_checkpoint
     if args.max_upload_bytes:
@@ -271,7 +285,10 @@ def cmd_export_onnx(args: argparse.Namespace) -> int:
     )
 
     predictor = open_predictor(
-        args.model, backend="torch", tracking_uri=args.tracking_uri
+        args.model,
+        backend="torch",
+        tracking_uri=args.tracking_uri,
+        decision_file=args.decision,
     )
     output = Path(args.output) if args.output else Path(args.model).with_suffix(".onnx")
     if args.output is None and ":/" in str(args.model):
@@ -462,6 +479,37 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (FileNotFoundError, ValueError) as exc:
         sys.stderr.write(f"error: {exc}\n")
         return 2
+
+
+# ------------------------------------------------------------------------ Kedro hooks
+@click.group(name="skin-lesion-classifier")
+def cli() -> None:
+    """Inference, serving and benchmark commands of skin-lesion-classifier."""
+
+
+def _passthrough(name: str) -> None:
+    @cli.command(
+        name=name,
+        help=f"skin-lesion-classifier {name} (run with --help for its options)",
+        context_settings={"ignore_unknown_options": True, "allow_extra_args": True},
+        add_help_option=False,
+    )
+    @click.pass_context
+    def command(ctx: click.Context) -> None:
+        ctx.exit(main([name, *ctx.args]))
+
+
+for _name in COMMANDS:
+    _passthrough(_name)
+
+
+def __getattr__(name: str) -> Any:
+    # Kedro's ``find_run_command`` (used by ``__main__``) looks for ``run`` in this module.
+    if name == "run":
+        from kedro.framework.cli.project import run
+
+        return run
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 if __name__ == "__main__":

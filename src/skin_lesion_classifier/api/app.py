@@ -55,6 +55,8 @@ class ServiceSettings:
     * ``device`` (``SLC_DEVICE``): ``cpu`` (default), ``cuda``, ``mps`` or ``auto``.
     * ``max_upload_bytes`` (``SLC_MAX_UPLOAD_BYTES``): largest accepted picture, 10 MiB.
     * ``threads`` (``SLC_THREADS``): intra-op threads for torch / ONNX Runtime (0 = default).
+    * ``decision_file`` (``SLC_DECISION``): evaluation's ``decision_rule.json`` to apply;
+      default: the checkpoint meta's rule, else ``decision_rule.json`` beside the model.
     * ``tracking_uri`` (``MLFLOW_TRACKING_URI``): for ``runs:/`` and ``models:/`` references,
       default ``sqlite:///mlflow.db``.
     """
@@ -419,6 +421,7 @@ def _load(settings: ServiceSettings) -> Any:
         device=detect_device(settings.device),
         explain_checkpoint=settings.explain_checkpoint,
         tracking_uri=settings.tracking_uri,
+        decision_file=settings.decision_file,
         threads=settings.threads,
     )
 

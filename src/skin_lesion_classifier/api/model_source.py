@@ -116,15 +116,21 @@ def open_predictor(
     device: torch.device | str = "cpu",
     explain_checkpoint: str | os.PathLike | None = None,
     tracking_uri: str | None = None,
+    decision_file: str | os.PathLike | None = None,
     **kwargs: Any,
 ) -> Predictor:
-    """Load a :class:`Predictor` from any supported model reference (see module doc)."""
+    """Load a :class:`Predictor` from any supported model reference (see module doc).
+
+    The decision rule: ``decision_file`` when given, else the checkpoint meta's, else
+    ``decision_rule.json`` beside the model file.
+    """
     path, version = resolve_model_file(uri, backend, tracking_uri)
     predictor = load_predictor(
         path,
         backend=backend,
         device=device,
         torch_checkpoint=explain_checkpoint,
+        decision_file=decision_file,
         **kwargs,
     )
     if version:

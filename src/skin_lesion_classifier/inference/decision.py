@@ -38,6 +38,7 @@ class Decision:
     rule: DecisionRule | None
     melanoma_threshold: float | None
     note: str | None = None
+    source: str = "checkpoint meta"
 
     @property
     def rule_name(self) -> str:
@@ -62,6 +63,7 @@ class Decision:
             "rule": self.rule_name,
             "melanoma_threshold": self.melanoma_threshold,
             "note": self.note,
+            "source": self.source,
         }
 
 
@@ -74,13 +76,20 @@ def _check(probabilities: np.ndarray) -> np.ndarray:
     return p
 
 
-def decision_from_meta(meta: Mapping[str, Any]) -> Decision:
+def decision_from_meta(
+    meta: Mapping[str, Any], source: str = "checkpoint meta"
+) -> Decision:
     """The :class:`Decision` stored in a checkpoint ``meta`` (see the module doc).
+
+    ``source`` names where the rule came from (reported by the service and the CLI); it
+    becomes ``"none"`` when the meta holds no decision at all.
 
     A malformed ``meta["decision"]`` or a threshold outside ``[0, 1]`` raises ``ValueError``
     rather than silently falling back to arg-max.
     """
     data = meta.get("decision") or {}
+    if not data:
+        source = "none"
     if not isinstance(data, Mapping):
         raise ValueError(
             f"meta['decision'] must be a mapping, got {type(data).__name__}"
@@ -92,10 +101,12 @@ def decision_from_meta(meta: Mapping[str, Any]) -> Decision:
         )
     threshold = data.get("melanoma_threshold")
     if threshold is None:
-        return Decision(rule=rule, melanoma_threshold=None, note=NO_THRESHOLD_NOTE)
+        return Decision(
+            rule=rule, melanoma_threshold=None, note=NO_THRESHOLD_NOTE, source=source
+        )
     threshold = float(threshold)
     if not 0.0 <= threshold <= 1.0:
         raise ValueError(
             f"meta['decision']['melanoma_threshold'] must be in [0, 1], got {threshold}"
         )
-    return Decision(rule=rule, melanoma_threshold=threshold)
+    return Decision(rule=rule, melanoma_threshold=threshold, source=source)

@@ -265,18 +265,61 @@ def read_onnx_meta(session: Any, source: str) -> dict[str, Any]:
     return json.loads(props[ONNX_META_KEY])
 
 
+#: The file evaluation writes beside the model (``data/06_models/decision_rule.json``).
+DECISION_FILE = "decision_rule.json"
+
+
+def read_decision_file(path: str | os.PathLike) -> dict[str, Any]:
+    """A decision rule JSON (evaluation's ``decision_rule`` catalog entry)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"decision rule file not found: {path}")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path}: not valid JSON ({exc})") from exc
+    if not isinstance(data, dict):
+        raise ValueError(
+            f"{path}: a decision rule is a JSON object, got {type(data).__name__}"
+        )
+    return data
+
+
+def attach_decision(
+    predictor: Predictor,
+    model_path: str | os.PathLike,
+    decision_file: str | os.PathLike | None = None,
+) -> Predictor:
+    """Give ``predictor`` its validated decision rule.
+
+    An explicit ``decision_file`` always wins. Otherwise the checkpoint meta's ``decision``
+    is used, and when the meta has none, ``decision_rule.json`` beside the model file (what
+    the evaluation pipeline writes) if it exists.
+    """
+    if decision_file is not None:
+        predictor.use_decision(
+            read_decision_file(decision_file), source=str(decision_file)
+        )
+    elif not predictor.meta.get("decision"):
+        beside = Path(model_path).with_name(DECISION_FILE)
+        if beside.is_file():
+            predictor.use_decision(read_decision_file(beside), source=str(beside))
+    return predictor
+
+
 def load_predictor(
     path: str | os.PathLike,
     backend: str = "auto",
     device: torch.device | str = "cpu",
     torch_checkpoint: str | os.PathLike | None = None,
+    decision_file: str | os.PathLike | None = None,
     **kwargs: Any,
 ) -> Predictor:
     """Load a local model file: a ``.pt`` checkpoint or an ``.onnx`` export.
 
     ``backend="auto"`` follows the suffix; ``"onnx"`` with a ``.pt`` file is an error (export
     first). For an ONNX model, ``torch_checkpoint`` (when given) is loaded too so that
-    Grad-CAM works.
+    Grad-CAM works. The decision rule comes from :func:`attach_decision`.
     """
     path = Path(path)
     if not path.exists():
@@ -302,6 +345,10 @@ def load_predictor(
         if torch_checkpoint is not None:
             tp = TorchPredictor.from_checkpoint(torch_checkpoint, device=device)
             pred.torch_model = tp.torch_model
-        return pred
+        return attach_decision(pred, path, decision_file)
     kwargs.pop("threads", None)
-    return TorchPredictor.from_checkpoint(path, device=device, **kwargs)
+    return attach_decision(
+        TorchPredictor.from_checkpoint(path, device=device, **kwargs),
+        path,
+        decision_file,
+    )
