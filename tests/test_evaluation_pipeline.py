@@ -97,10 +97,10 @@ def pipeline_run(tmp_path_factory, small_split, project_root):
     from kedro.io import DataCatalog
     from kedro.runner import SequentialRunner
 
-    from skin_lesion_classifier.pipelines.evaluation.pipeline import (
+    from skin_lesion_classifier.pipelines.evaluation import (
         create_pipeline as evaluation,
     )
-    from skin_lesion_classifier.pipelines.reporting.pipeline import (
+    from skin_lesion_classifier.pipelines.reporting import (
         create_pipeline as reporting,
     )
 
