@@ -37,6 +37,7 @@ def sample_images(samples_dir: Path) -> np.ndarray:
 
 def test_aliases_resolve_to_timm_models():
     assert resolve_arch("resnet50_attention")[0] == "seresnet50"
+    assert resolve_preprocessing("efficientnet_lite0")["mean"] == [0.5, 0.5, 0.5]
     assert resolve_arch("vit_small")[0] == "vit_small_patch16_224"
     assert resolve_arch("swin_tiny")[0] == "swin_tiny_patch4_window7_224"
     assert resolve_arch("efficientnet_b0") == ("efficientnet_b0", {})
@@ -127,6 +128,7 @@ def test_offline_lite_weights_give_imagenet_predictions(sample_images):
 
 def test_pretrained_lite_with_7_classes_keeps_backbone():
     model = create_model("efficientnet_lite0", num_classes=7, pretrained=True)
+    assert resolve_preprocessing(model)["std"] == [0.5, 0.5, 0.5]
     source = torch.load(lite_weights_path("tf_efficientnet_lite0"), weights_only=True)
     assert torch.equal(model.conv_stem.weight, source["_conv_stem.weight"])
     assert model.get_classifier().out_features == 7
@@ -142,13 +144,28 @@ def test_hub_only_architecture_fails_clearly_offline(monkeypatch):
     assert model.get_classifier().out_features == 7
 
 
-def test_metadata_fusion_without_builder_fails_clearly():
-    from skin_lesion_classifier.models import factory
+def test_metadata_fusion_with_unknown_builder_fails_clearly():
+    with pytest.raises(
+        NotImplementedError, match="metadata-fusion head 'no_such_fusion'"
+    ):
+        create_model("test_efficientnet", metadata_dim=10, fusion="no_such_fusion")
 
-    if "default" in factory.FUSION_BUILDERS:
-        pytest.skip("a fusion head is registered")
-    with pytest.raises(NotImplementedError, match="metadata-fusion head"):
-        create_model("test_efficientnet", metadata_dim=10)
+
+def test_multiscale_head_concatenates_stage_features(sample_images):
+    model = create_model(
+        "efficientnet_lite0",
+        pretrained=True,
+        head="multiscale",
+        head_kwargs={"stages": [2, 3], "hidden": 32},
+        input_size=(64, 64),
+    ).eval()
+    assert model.num_features == 40 + 112 + 1280
+    x = to_float_nchw(sample_images[:3, ::4, ::4][:, :64, :64], [0.5] * 3, [0.5] * 3)
+    with torch.no_grad():
+        assert model.features(x).shape == (3, model.num_features)
+        assert model(x).shape == (3, len(CLASSES))
+    with pytest.raises(ValueError, match="unknown head"):
+        create_model("test_efficientnet", head="nope")
 
 
 def test_checkpoint_roundtrip_gives_identical_outputs(tmp_path, sample_images):

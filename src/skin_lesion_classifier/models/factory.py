@@ -26,7 +26,9 @@ import torch
 from timm.data import resolve_data_config
 
 from skin_lesion_classifier.constants import CLASSES
+from skin_lesion_classifier.models.heads import HEADS
 from skin_lesion_classifier.models.offline_weights import (
+    LITE_INPUT_NORM,
     LITE_PACKAGES,
     load_lite_weights,
 )
@@ -233,6 +235,8 @@ def create_model(
     metadata_dim: int | None = None,
     fusion: str = "default",
     fusion_kwargs: dict[str, Any] | None = None,
+    head: str | None = None,
+    head_kwargs: dict[str, Any] | None = None,
     check_size: bool = True,
     **kwargs: Any,
 ) -> torch.nn.Module:
@@ -252,6 +256,9 @@ def create_model(
             impossible).
         metadata_dim: when set, build a fusion model ``model(images, meta)`` with the
             builder registered under ``fusion`` (see :func:`register_fusion`).
+        head: ``None`` for timm's own classifier, or a name from
+            :data:`skin_lesion_classifier.models.heads.HEADS` (``"multiscale"``) built with
+            ``head_kwargs`` over the backbone.
         **kwargs: passed to ``timm.create_model`` (``drop_rate``, ``drop_path_rate``, ...).
     """
     timm_name, fixed = resolve_arch(arch)
@@ -262,7 +269,9 @@ def create_model(
     build_kwargs = {**fixed, **kwargs}
     if input_size is not None and _fixed_input_size(timm_name):
         build_kwargs.setdefault("img_size", tuple(int(s) for s in input_size))
-    head_classes = 0 if metadata_dim else num_classes
+    if head is not None and head not in HEADS:
+        raise ValueError(f"unknown head {head!r}; choose from {sorted(HEADS)} or null")
+    head_classes = 0 if (metadata_dim or head) else num_classes
 
     model: torch.nn.Module | None = None
     if pretrained and timm_name in LITE_PACKAGES:
@@ -307,6 +316,13 @@ def create_model(
         model = timm.create_model(
             timm_name, pretrained=False, num_classes=head_classes, **build_kwargs
         )
+
+    if head is not None:
+        model = HEADS[head](model, num_classes, **(head_kwargs or {}))
+    if pretrained and timm_name in LITE_PACKAGES:
+        # the packaged TF-Lite weights expect (x - 0.5) / 0.5 whatever timm's name says
+        backbone = getattr(model, "backbone", model)
+        backbone.pretrained_cfg = {**dict(backbone.pretrained_cfg), **LITE_INPUT_NORM}
 
     if input_size is not None and check_size:
         check_input_size(model, input_size, arch)
