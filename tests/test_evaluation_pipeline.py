@@ -44,7 +44,7 @@ def _train_tiny_model(split: pd.DataFrame):
     train, val = split[split.split == "train"], split[split.split == "val"]
     x = np.stack([load_resized(p, SIZE) for p in train.path])
     xv = np.stack([load_resized(p, SIZE) for p in val.path])
-    y = torch.as_tensor(train.label.to_numpy())
+    y = torch.as_tensor(train.label.to_numpy().copy())
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     rows = []
     for epoch in (1, 2):
@@ -60,7 +60,7 @@ def _train_tiny_model(split: pd.DataFrame):
         rows.append(
             {
                 "epoch": epoch,
-                "train_loss": float(loss),
+                "train_loss": loss.item(),
                 "val_loss": float(skm.log_loss(val.label, pv, labels=range(7))),
                 "val_balanced_accuracy": balanced_accuracy(val.label, pv.argmax(1)),
                 "val_macro_auc": macro_roc_auc(val.label, pv),
