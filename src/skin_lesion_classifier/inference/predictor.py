@@ -89,6 +89,11 @@ class Predictor:
         h, w = self.meta["input_size"]
         return int(h), int(w)
 
+    def use_decision(self, decision: Mapping[str, Any], source: str) -> None:
+        """Replace the decision rule (e.g. with evaluation's ``decision_rule.json``)."""
+        self.meta["decision"] = dict(decision)
+        self.decision = decision_from_meta(self.meta, source=source)
+
     def prepare(
         self, source: str | os.PathLike | bytes, name: str | None = None
     ) -> np.ndarray:

@@ -1,0 +1,62 @@
+"""Nodes of the ``inference`` pipeline: thin wrappers over :mod:`skin_lesion_classifier.inference`."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import pandas as pd
+
+from skin_lesion_classifier.api.model_source import open_predictor
+from skin_lesion_classifier.device import detect_device
+from skin_lesion_classifier.inference.batch import collect_inputs, predict_files
+
+logger = logging.getLogger(__name__)
+
+
+def list_inputs(params: dict[str, Any]) -> list[str]:
+    """The files to predict: ``params["input"]`` is a folder (every non-hidden file, sorted;
+    sub-folders with ``recursive: true``) or a list of files."""
+    return [
+        str(p)
+        for p in collect_inputs(
+            params["input"], recursive=bool(params.get("recursive", False))
+        )
+    ]
+
+
+def predict_images(
+    paths: list[str], params: dict[str, Any]
+) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
+    """Load the model (``params["model"]``: ``.pt``, ``.onnx``, ``runs:/`` or ``models:/``)
+    once and predict ``paths``.
+
+    Returns the ISIC table (``image, MEL, NV, BCC, AKIEC, BKL, DF, VASC, predicted_class,
+    melanoma_flag``), the errors table (``image, reason``) and MLflow metrics counting both.
+    """
+    predictor = open_predictor(
+        params["model"],
+        backend=params.get("backend", "auto"),
+        device=detect_device(params.get("device", "cpu")),
+        decision_file=params.get("decision_file"),
+        batch_size=int(params.get("batch_size", 32)),
+        **({"tta": params["tta"]} if params.get("tta") else {}),
+    )
+    logger.info(
+        "Predicting %d file(s) with %s (%s)",
+        len(paths),
+        predictor.version,
+        predictor.backend,
+    )
+    predictions, errors = predict_files(
+        predictor, paths, batch_size=int(params.get("batch_size", 32))
+    )
+    metrics = {
+        "inference_images_predicted": {"value": float(len(predictions)), "step": 0},
+        "inference_images_unreadable": {"value": float(len(errors)), "step": 0},
+        "inference_melanoma_flags": {
+            "value": float(predictions["melanoma_flag"].sum()),
+            "step": 0,
+        },
+    }
+    return predictions, errors, metrics
