@@ -258,3 +258,21 @@ def test_show_results_prints_the_headline_table(pipeline_run, capsys):
     ba = m["splits"]["test"]["argmax"]["balanced_accuracy"]
     assert f"{ba:.3f}" in printed
     assert main([str(pipeline_run["out"] / "missing.json")]) == 1
+
+
+def test_prediction_from_the_image_cache_equals_prediction_from_paths(pipeline_run):
+    from skin_lesion_classifier.data.cache import build_image_cache
+    from skin_lesion_classifier.pipelines.evaluation.nodes import predict_test
+
+    split = pipeline_run["split"]
+    checkpoint, _ = _train_tiny_model(split)
+    params = {"device": "cpu", "tta": False}
+    test_rows = split[split.split == "test"]
+    cache = build_image_cache(test_rows, SIZE, num_workers=1, progress=False)
+    from_cache = predict_test(checkpoint, split, cache, params)
+    from_paths = predict_test(checkpoint, split, split, params)
+    assert from_cache.image_id.tolist() == from_paths.image_id.tolist()
+    assert np.allclose(from_cache[list(PROB_COLUMNS)], from_paths[list(PROB_COLUMNS)])
+    wrong = build_image_cache(test_rows, (32, 32), num_workers=1, progress=False)
+    with pytest.raises(ValueError, match="image cache is at"):
+        predict_test(checkpoint, split, wrong, params)

@@ -43,35 +43,52 @@ def _checkpoint_source(model_checkpoint: Any) -> Any:
     return model_checkpoint
 
 
-def _rows_of_split(
-    split_assignment: pd.DataFrame, image_index: pd.DataFrame, split: str
-) -> pd.DataFrame:
-    rows = split_assignment[split_assignment["split"] == split]
+def _split_rows(split_assignment: pd.DataFrame, split: str) -> pd.DataFrame:
+    rows = split_assignment[split_assignment["split"] == split].reset_index(drop=True)
     if rows.empty:
         raise ValueError(f"the split assignment has no {split!r} rows to evaluate")
-    paths = image_index.drop_duplicates("image_id").set_index("image_id")["path"]
-    missing = rows.loc[~rows["image_id"].isin(paths.index), "image_id"].tolist()
+    return rows
+
+
+def _load_images(
+    images: Any, image_ids: pd.Series, size: tuple[int, int]
+) -> np.ndarray:
+    """``(n, H, W, 3)`` uint8 images of ``image_ids`` at ``size``: from the uint8 image
+    cache when ``images`` is one at that size (it has ``take`` and ``input_size``), else
+    decoded from the ``path`` column of an ``image_index`` frame with the shared resize."""
+    if hasattr(images, "take") and hasattr(images, "input_size"):
+        if tuple(images.input_size) == tuple(size):
+            return images.take(image_ids.tolist())
+        raise ValueError(
+            f"the image cache is at {tuple(images.input_size)} but the model wants {size}; "
+            "rebuild the cache or evaluate from image_index"
+        )
+    if not isinstance(images, pd.DataFrame) or "path" not in images.columns:
+        raise ValueError(
+            "images must be an image cache or an image_index frame with 'path'"
+        )
+    paths = images.drop_duplicates("image_id").set_index("image_id")["path"]
+    missing = image_ids[~image_ids.isin(paths.index)].tolist()
     if missing:
         raise ValueError(
-            f"{len(missing)} {split} images are not in image_index (first: {missing[:5]})"
+            f"{len(missing)} images are not in image_index (first: {missing[:5]})"
         )
-    return rows.assign(path=rows["image_id"].map(paths).to_numpy()).reset_index(
-        drop=True
-    )
+    return np.stack([load_resized(paths[i], size) for i in image_ids])
 
 
 def predict_split(
     model_checkpoint: Any,
     split_assignment: pd.DataFrame,
-    image_index: pd.DataFrame,
+    images: Any,
     params: Mapping[str, Any],
     split: str,
 ) -> pd.DataFrame:
     """Class probabilities of every image of ``split`` (the ``predictions`` contract).
 
-    Images are decoded from ``image_index.path`` and resized to the model's
-    ``meta["input_size"]`` with the shared resize, so any checkpoint works whatever the
-    resolution of the originals; ``params["tta"]`` averages flips / rotations.
+    ``images`` is the uint8 image cache at the model's ``meta["input_size"]`` or the
+    ``image_index`` (pictures decoded from ``path`` and resized with the shared resize, so
+    any checkpoint works whatever the resolution of the originals); ``params["tta"]``
+    averages flips / rotations.
     """
     device = detect_device(params.get("device", "auto"))
     model, meta = load_model(_checkpoint_source(model_checkpoint), device)
@@ -82,12 +99,11 @@ def predict_split(
         )
     if list(meta["classes"]) != list(CLASSES):
         raise ValueError(f"model classes {meta['classes']} differ from {list(CLASSES)}")
-    rows = _rows_of_split(split_assignment, image_index, split)
-    size = tuple(meta["input_size"])
-    images = np.stack([load_resized(p, size) for p in rows["path"]])
+    rows = _split_rows(split_assignment, split)
+    x = _load_images(images, rows["image_id"], tuple(meta["input_size"]))
     prob = predict_proba(
         model,
-        images,
+        x,
         meta["mean"],
         meta["std"],
         device,
@@ -98,16 +114,14 @@ def predict_split(
     return predictions_frame(rows, prob)
 
 
-def predict_validation(model_checkpoint, split_assignment, image_index, params):
+def predict_validation(model_checkpoint, split_assignment, images, params):
     """:func:`predict_split` on the ``val`` split."""
-    return predict_split(model_checkpoint, split_assignment, image_index, params, "val")
+    return predict_split(model_checkpoint, split_assignment, images, params, "val")
 
 
-def predict_test(model_checkpoint, split_assignment, image_index, params):
+def predict_test(model_checkpoint, split_assignment, images, params):
     """:func:`predict_split` on the ``test`` split."""
-    return predict_split(
-        model_checkpoint, split_assignment, image_index, params, "test"
-    )
+    return predict_split(model_checkpoint, split_assignment, images, params, "test")
 
 
 def _train_counts(model_checkpoint: Any, split_assignment: pd.DataFrame) -> list[int]:
