@@ -78,10 +78,11 @@ OBJECTIVES = ("log_loss", "balanced_accuracy")
 
 
 # --------------------------------------------------------------------------- weights
-def _stack(member_probs: Sequence[np.ndarray], n_classes: int | None = None) -> np.ndarray:
+def _stack(member_probs: Sequence[np.ndarray]) -> np.ndarray:
     if len(member_probs) < 1:
         raise ValueError("an ensemble needs at least one member")
-    arrays = [check_probabilities(p, n_classes=n_classes) for p in member_probs]
+    k = np.asarray(member_probs[0]).shape[-1]
+    arrays = [check_probabilities(p, n_classes=k) for p in member_probs]
     shapes = {a.shape for a in arrays}
     if len(shapes) != 1:
         raise ValueError(f"members' probabilities differ in shape: {sorted(shapes)}")
@@ -101,7 +102,9 @@ def check_weights(weights, n_members: int) -> np.ndarray:
     if w.shape != (n_members,):
         raise ValueError(f"need {n_members} ensemble weights, got {w.tolist()}")
     if not np.all(np.isfinite(w)) or np.any(w < 0) or w.sum() <= 0:
-        raise ValueError(f"ensemble weights must be >= 0 with a positive sum, got {w.tolist()}")
+        raise ValueError(
+            f"ensemble weights must be >= 0 with a positive sum, got {w.tolist()}"
+        )
     return w / w.sum()
 
 
@@ -111,9 +114,7 @@ def simplex_grid(n_members: int, step: float) -> np.ndarray:
     if k < 1 or not np.isclose(k * float(step), 1.0):
         raise ValueError(f"grid_step must divide 1 (e.g. 0.1, 0.05), got {step}")
     points = [
-        c
-        for c in itertools.product(range(k + 1), repeat=n_members - 1)
-        if sum(c) <= k
+        c for c in itertools.product(range(k + 1), repeat=n_members - 1) if sum(c) <= k
     ]
     return np.array([[*c, k - sum(c)] for c in points], dtype=np.float64) / k
 
@@ -136,7 +137,9 @@ def fit_weights(
     chosen mixture beside uniform averaging and each member alone.
     """
     if objective not in OBJECTIVES:
-        raise ValueError(f"unknown ensemble objective {objective!r}; choose from {OBJECTIVES}")
+        raise ValueError(
+            f"unknown ensemble objective {objective!r}; choose from {OBJECTIVES}"
+        )
     p = _stack(member_probs)
     m, n, k = p.shape
     y = check_labels(y_val, k)
@@ -216,7 +219,9 @@ def ensemble_predictions(
             )
         if not np.array_equal(frame["label"].to_numpy(), first["label"].to_numpy()):
             raise ValueError(f"member {i}'s labels differ from member 0's")
-    p = average_probabilities([probabilities_of(f) for f in member_predictions], weights)
+    p = average_probabilities(
+        [probabilities_of(f) for f in member_predictions], weights
+    )
     return predictions_frame(first, p)
 
 
@@ -241,15 +246,29 @@ class EnsembleModel(nn.Module):
     ) -> None:
         super().__init__()
         if len(members) != len(member_metas) or not members:
-            raise ValueError("an ensemble needs one meta per member and at least one member")
+            raise ValueError(
+                "an ensemble needs one meta per member and at least one member"
+            )
         self.members = nn.ModuleList(members)
         w = check_weights(weights, len(members))
-        self.register_buffer("weights", torch.as_tensor(w, dtype=torch.float32), persistent=False)
+        self.register_buffer(
+            "weights", torch.as_tensor(w, dtype=torch.float32), persistent=False
+        )
         self.input_size = tuple(int(v) for v in input_size)
-        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer(
+            "mean",
+            torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1),
+            persistent=False,
+        )
+        self.register_buffer(
+            "std",
+            torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1),
+            persistent=False,
+        )
         self.uses_metadata = [bool(m.get("uses_metadata", False)) for m in member_metas]
-        self.member_sizes = [tuple(int(v) for v in m["input_size"]) for m in member_metas]
+        self.member_sizes = [
+            tuple(int(v) for v in m["input_size"]) for m in member_metas
+        ]
         self.register_buffer(
             "member_mean",
             torch.tensor([list(m["mean"]) for m in member_metas], dtype=torch.float32),
@@ -276,12 +295,16 @@ class EnsembleModel(nn.Module):
                     new_h = round(src_w / target)
                     top = (src_h - new_h) // 2
                     x01 = x01[..., top : top + new_h, :]
-            x01 = F.interpolate(x01, size=size, mode="bicubic", antialias=True, align_corners=False)
+            x01 = F.interpolate(
+                x01, size=size, mode="bicubic", antialias=True, align_corners=False
+            )
         m = self.member_mean[i].view(1, 3, 1, 1)
         s = self.member_std[i].view(1, 3, 1, 1)
         return (x01 - m) / s
 
-    def forward(self, images: torch.Tensor, metadata: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, images: torch.Tensor, metadata: torch.Tensor | None = None
+    ) -> torch.Tensor:
         if any(self.uses_metadata) and metadata is None:
             raise ValueError(
                 "this ensemble has members that fuse patient metadata: call it as "
@@ -310,9 +333,13 @@ def slc_ensemble(
     """timm entry point of :class:`EnsembleModel` (used by ``load_model`` through the
     factory). ``members`` are the member metas, each with its ``weight``."""
     if pretrained:
-        raise ValueError(f"{ENSEMBLE_ARCH} has no pretrained weights; build it from members")
+        raise ValueError(
+            f"{ENSEMBLE_ARCH} has no pretrained weights; build it from members"
+        )
     if not members:
-        raise ValueError(f"{ENSEMBLE_ARCH} needs a non-empty 'members' list in model_kwargs")
+        raise ValueError(
+            f"{ENSEMBLE_ARCH} needs a non-empty 'members' list in model_kwargs"
+        )
     metas = [dict(m) for m in members]
     for m in metas:
         if len(m.get("classes", [])) != num_classes:
@@ -361,7 +388,9 @@ def build_ensemble_checkpoint(
                 f"{names[0]!r} has {classes}"
             )
         if ck["meta"]["arch"] == ENSEMBLE_ARCH:
-            raise ValueError(f"member {name!r} is itself an ensemble; list its members instead")
+            raise ValueError(
+                f"member {name!r} is itself an ensemble; list its members instead"
+            )
     kept = [i for i in range(len(members)) if w[i] > 0 or not drop_zero_weight]
     encoders = {
         names[i]: ckpts[i]["meta"].get("metadata_encoder")
@@ -370,7 +399,9 @@ def build_ensemble_checkpoint(
     }
     if any(e is None for e in encoders.values()):
         bad = [n for n, e in encoders.items() if e is None]
-        raise ValueError(f"members {bad} use metadata but have no metadata_encoder in their meta")
+        raise ValueError(
+            f"members {bad} use metadata but have no metadata_encoder in their meta"
+        )
     if len({repr(sorted(e.items())) for e in encoders.values()}) > 1:
         raise ValueError(
             f"members {sorted(encoders)} fuse metadata with different encoders; fit them on "

@@ -1,0 +1,167 @@
+"""Ensembles: validation-chosen weights, the one-file ensemble checkpoint, and its loading
+by the shared model loader."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from skin_lesion_classifier.constants import CLASSES
+from skin_lesion_classifier.data.images import load_resized
+from skin_lesion_classifier.data.metadata_features import MetadataEncoder
+from skin_lesion_classifier.evaluation.ensemble import (
+    ENSEMBLE_ARCH,
+    build_ensemble_checkpoint,
+    ensemble_predictions,
+    fit_weights,
+    load_any_model,
+    load_ensemble,
+    save_ensemble,
+    simplex_grid,
+)
+from skin_lesion_classifier.evaluation.evaluate import predictions_frame
+from skin_lesion_classifier.evaluation.metrics import log_loss
+from skin_lesion_classifier.inference.predict import predict_proba
+from skin_lesion_classifier.models.checkpoint import load_model, make_checkpoint
+from skin_lesion_classifier.models.factory import create_model
+
+
+def _noisy(y: np.ndarray, skill: float, rng) -> np.ndarray:
+    onehot = np.eye(len(CLASSES))[y]
+    return skill * onehot + (1 - skill) * rng.dirichlet(np.ones(len(CLASSES)), len(y))
+
+
+def test_log_loss_weights_favour_the_better_member_and_beat_uniform(small_split):
+    rng = np.random.default_rng(0)
+    y = small_split.label.to_numpy()
+    good, bad = _noisy(y, 0.6, rng), _noisy(y, 0.05, rng)
+    fit = fit_weights(y, [good, bad], names=["good", "bad"])
+    w = np.asarray(fit["weights"])
+    assert w.sum() == pytest.approx(1.0)
+    assert w[0] > 0.8
+    assert fit["val"]["log_loss"] <= fit["val_uniform"]["log_loss"]
+    assert fit["val"]["log_loss"] <= fit["val_members"]["good"]["log_loss"] + 1e-9
+    # the optimum agrees with a fine grid search of the same (convex) objective
+    grid = simplex_grid(2, 0.01)
+    losses = [log_loss(y, g[0] * good + g[1] * bad) for g in grid]
+    assert fit["val"]["log_loss"] == pytest.approx(min(losses), abs=1e-3)
+
+
+def test_balanced_accuracy_grid_weights(small_split):
+    rng = np.random.default_rng(1)
+    y = small_split.label.to_numpy()
+    members = [_noisy(y, s, rng) for s in (0.1, 0.12, 0.3)]
+    fit = fit_weights(y, members, objective="balanced_accuracy", grid_step=0.1)
+    assert len(fit["weights"]) == 3
+    best_single = max(v["balanced_accuracy"] for v in fit["val_members"].values())
+    assert fit["val"]["balanced_accuracy"] >= best_single
+    assert len(simplex_grid(3, 0.1)) == 66
+    with pytest.raises(ValueError, match="objective"):
+        fit_weights(y, members, objective="accuracy")
+    with pytest.raises(ValueError, match="differ in shape"):
+        fit_weights(y, [members[0], members[1][:5]])
+
+
+@pytest.fixture(scope="module")
+def two_members(small_split):
+    """Two different tiny models (one fusing metadata) as checkpoint dicts."""
+    torch.manual_seed(0)
+    train = small_split[small_split.split == "train"]
+    enc = MetadataEncoder.fit(train, min_site_count=1)
+    a = create_model("test_efficientnet", input_size=(48, 64))
+    b = create_model(
+        "resnet10t",
+        input_size=(60, 80),
+        metadata_dim=enc.dim,
+        fusion_kwargs={"hidden": [8]},
+    )
+    for m in (a, b):  # move the BatchNorm statistics off their defaults
+        m.train()
+        with torch.no_grad():
+            x = torch.randn(8, 3, 60, 80)
+            m(x) if m is a else m(x, torch.randn(8, enc.dim))
+    ca = make_checkpoint(
+        a,
+        {
+            "arch": "test_efficientnet",
+            "classes": list(CLASSES),
+            "input_size": [48, 64],
+            "mean": [0.5, 0.5, 0.5],
+            "std": [0.5, 0.5, 0.5],
+            "train_class_counts": [4] * 7,
+        },
+    )
+    cb = make_checkpoint(
+        b,
+        {
+            "arch": "resnet10t",
+            "classes": list(CLASSES),
+            "input_size": [60, 80],
+            "mean": [0.485, 0.456, 0.406],
+            "std": [0.229, 0.224, 0.225],
+            "model_kwargs": {"metadata_dim": enc.dim, "fusion_kwargs": {"hidden": [8]}},
+            "uses_metadata": True,
+            "metadata_encoder": enc.to_dict(),
+            "train_class_counts": [4] * 7,
+        },
+    )
+    return ca, cb, enc
+
+
+def test_ensemble_checkpoint_equals_weighted_average_of_members(
+    two_members, small_split, tmp_path
+):
+    ca, cb, enc = two_members
+    ck = build_ensemble_checkpoint([("lite", ca), ("resnet", cb)], [0.25, 0.75])
+    meta = ck["meta"]
+    assert meta["arch"] == ENSEMBLE_ARCH and meta["uses_metadata"]
+    assert meta["input_size"] == [60, 80]  # the largest member's
+    assert meta["metadata_encoder"] == enc.to_dict()
+    path = tmp_path / "ensemble.pt"
+    save_ensemble(path, ck)
+    model, meta2 = load_any_model(path)
+    rows = small_split[small_split.split == "test"]
+    x_meta = MetadataEncoder.from_dict(meta2["metadata_encoder"]).transform(rows)
+    images = np.stack([load_resized(p, tuple(meta2["input_size"])) for p in rows.path])
+    p_ens = predict_proba(
+        model, images, meta2["mean"], meta2["std"], extra_inputs=x_meta
+    )
+    # each member alone, fed as it was trained (its own size, normalisation)
+    ma, meta_a = load_model(ca)
+    mb, meta_b = load_model(cb)
+    img_a = np.stack([load_resized(p, (48, 64)) for p in rows.path])
+    pa = predict_proba(ma, img_a, meta_a["mean"], meta_a["std"])
+    pb = predict_proba(mb, images, meta_b["mean"], meta_b["std"], extra_inputs=x_meta)
+    # member a sees a 60x80 -> 48x64 tensor resize instead of the PIL resize of its
+    # originals, hence the tolerance
+    np.testing.assert_allclose(p_ens, 0.25 * pa + 0.75 * pb, atol=2e-3)
+    np.testing.assert_allclose(p_ens.sum(axis=1), 1.0, atol=1e-5)
+    # the same through the frame-level average (what the pipeline evaluates)
+    frame = ensemble_predictions(
+        [predictions_frame(rows, pa), predictions_frame(rows, pb)], [0.25, 0.75]
+    )
+    np.testing.assert_allclose(frame.filter(like="prob_").to_numpy(), p_ens, atol=2e-3)
+    with pytest.raises(ValueError, match="model\\(images, metadata\\)"):
+        model(torch.zeros(1, 3, 60, 80))
+    with pytest.raises(ValueError, match="not an ensemble"):
+        load_ensemble(ca)
+
+
+def test_ensemble_refuses_mismatched_members(two_members):
+    ca, cb, enc = two_members
+    other = dict(
+        cb, meta=dict(cb["meta"], metadata_encoder={**enc.to_dict(), "age_mean": 1.0})
+    )
+    with pytest.raises(ValueError, match="different encoders"):
+        build_ensemble_checkpoint([("b", cb), ("c", other)], [0.5, 0.5])
+    with pytest.raises(ValueError, match="unique"):
+        build_ensemble_checkpoint([("a", ca), ("a", cb)], [0.5, 0.5])
+    with pytest.raises(ValueError, match="weights"):
+        build_ensemble_checkpoint([("a", ca), ("b", cb)], [0.5, -0.5])
+    # a zero-weight member is listed but left out of the model
+    ck = build_ensemble_checkpoint([("a", ca), ("b", cb)], [1.0, 0.0])
+    kept = [m["kept"] for m in ck["meta"]["ensemble"]["members"]]
+    assert kept == [True, False]
+    assert not ck["meta"]["uses_metadata"]
+    assert all(k.startswith("members.0.") for k in ck["state_dict"])

@@ -1,0 +1,131 @@
+"""External validation sets: an image folder + ISIC one-hot ground truth, built here from
+the 21 real 600x450 HAM10000 samples."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from skin_lesion_classifier.constants import CLASS_TO_INDEX, ISIC_COLUMNS
+from skin_lesion_classifier.evaluation.external import (
+    issue_summary,
+    read_external_set,
+    read_ground_truth,
+)
+
+
+def isic_ground_truth(meta: pd.DataFrame) -> pd.DataFrame:
+    """ISIC 2018 task 3 ground truth (one-hot floats, ISIC column order)."""
+    gt = pd.DataFrame({"image": meta["image_id"].to_numpy()})
+    for col in ISIC_COLUMNS:
+        gt[col] = (meta["dx"].str.upper().to_numpy() == col).astype(float)
+    return gt
+
+
+@pytest.fixture()
+def external_set(samples_dir: Path, tmp_path: Path):
+    """The samples as an external set with one label row whose image is missing and one
+    image with no label row."""
+    meta = pd.read_csv(samples_dir / "HAM10000_metadata_samples.csv")
+    images = tmp_path / "images"
+    images.mkdir()
+    missing_image = meta.image_id.iloc[0]
+    for image_id in meta.image_id.iloc[1:]:
+        shutil.copy(
+            samples_dir / "images" / f"{image_id}.jpg", images / f"{image_id}.jpg"
+        )
+    unlabeled = "EXT_0000001"
+    shutil.copy(
+        samples_dir / "images" / f"{meta.image_id.iloc[1]}.jpg",
+        images / f"{unlabeled}.jpg",
+    )
+    csv = tmp_path / "ground_truth.csv"
+    isic_ground_truth(meta).to_csv(csv, index=False)
+    return {
+        "images": images,
+        "csv": csv,
+        "meta": meta,
+        "missing_image": missing_image,
+        "unlabeled": unlabeled,
+    }
+
+
+def test_missing_image_and_unlabeled_image_are_listed(external_set):
+    rows, issues = read_external_set(external_set["images"], external_set["csv"])
+    meta = external_set["meta"]
+    assert len(rows) == len(meta) - 1
+    assert set(rows.image_id) == set(meta.image_id) - {external_set["missing_image"]}
+    expected = meta.set_index("image_id").loc[rows.image_id, "dx"]
+    assert rows.dx.tolist() == expected.tolist()
+    assert rows.label.tolist() == [CLASS_TO_INDEX[d] for d in expected]
+    assert (rows.split == "external").all()
+    assert all(Path(p).is_file() for p in rows.path)
+    by_kind = issues.groupby("issue")["image_id"].apply(list).to_dict()
+    assert by_kind == {
+        "no_image": [external_set["missing_image"]],
+        "no_label": [external_set["unlabeled"]],
+    }
+    assert issue_summary(issues, len(rows)) == {
+        "used": 20,
+        "no_image": 1,
+        "no_label": 1,
+    }
+
+
+def test_bad_rows_unreadable_images_and_unknown_columns(external_set):
+    csv = external_set["csv"]
+    gt = pd.read_csv(csv)
+    gt["UNK"] = 0.0
+    ids = gt.image.tolist()
+    gt.loc[1, ["MEL", "NV"]] = [1.0, 1.0]  # two labels
+    gt.loc[2, ISIC_COLUMNS] = np.nan  # blank row
+    dup = gt.iloc[[3]].copy()  # same label twice: used once
+    conflict = gt.iloc[[4]].copy()
+    conflict[list(ISIC_COLUMNS)] = np.roll(conflict[list(ISIC_COLUMNS)].to_numpy(), 1)
+    gt = pd.concat([gt, dup, conflict], ignore_index=True)
+    gt.to_csv(csv, index=False)
+    broken = external_set["images"] / f"{ids[5]}.jpg"
+    broken.write_bytes(broken.read_bytes()[:400])  # truncated JPEG
+    rows, issues = read_external_set(external_set["images"], csv)
+    kinds = issues.groupby("issue")["image_id"].apply(lambda s: sorted(s.dropna()))
+    assert kinds["not_one_hot"] == sorted([ids[1], ids[2]])
+    assert kinds["duplicate_label_row"] == sorted([ids[3], ids[4]])
+    assert kinds["unreadable_image"] == [ids[5]]
+    assert (
+        issues.loc[issues.issue == "unknown_column", "detail"].str.contains("UNK").all()
+    )
+    used = set(rows.image_id)
+    assert ids[3] in used  # identical duplicate kept once
+    assert not used & {ids[1], ids[2], ids[4], ids[5]}
+    # every labelled image is either used or listed, none vanishes
+    listed = set(issues.image_id.dropna())
+    assert set(ids) <= used | listed
+
+
+def test_ground_truth_without_isic_columns_is_refused(tmp_path):
+    csv = tmp_path / "gt.csv"
+    pd.DataFrame({"image": ["a"], "MEL": [1.0], "NV": [0.0]}).to_csv(csv, index=False)
+    with pytest.raises(ValueError, match="BCC"):
+        read_ground_truth(csv)
+
+
+def test_external_metadata_joins_and_reports_gaps(external_set, tmp_path):
+    meta = external_set["meta"]
+    md = meta.rename(columns={"image_id": "image"})[
+        ["image", "lesion_id", "age", "sex", "localization"]
+    ].iloc[2:]
+    md_csv = tmp_path / "metadata.csv"
+    md.to_csv(md_csv, index=False)
+    rows, issues = read_external_set(
+        external_set["images"], external_set["csv"], metadata_csv=md_csv
+    )
+    no_meta = issues.loc[issues.issue == "no_metadata", "image_id"].tolist()
+    assert no_meta == [meta.image_id.iloc[1]]
+    r = rows.set_index("image_id")
+    assert r.loc[meta.image_id.iloc[1], "sex"] == "unknown"
+    assert r.loc[meta.image_id.iloc[1], "lesion_id"] == meta.image_id.iloc[1]
+    assert r.loc[meta.image_id.iloc[3], "lesion_id"] == meta.lesion_id.iloc[3]
