@@ -165,3 +165,93 @@ def test_fusion_model_trains_and_round_trips_through_checkpoint(small_split):
     )
     np.testing.assert_allclose(p1, p2, atol=1e-5)
     assert p1.shape == (len(small_split), len(CLASSES))
+
+
+def _tiny_trained_model(small_split, size=(48, 64)):
+    """A tiny image-only model trained for two epochs by the project's training loop."""
+    from skin_lesion_classifier.training.engine import train_model
+
+    tr = small_split[small_split.split == "train"]
+    va = small_split[small_split.split == "val"]
+    load = lambda rows: np.stack([load_resized(p, size) for p in rows.path])  # noqa: E731
+    result = train_model(
+        load(tr),
+        tr.label.to_numpy(),
+        load(va),
+        va.label.to_numpy(),
+        {
+            "arch": "test_efficientnet",
+            "pretrained": False,
+            "allow_random_init": True,
+            "input_size": list(size),
+            "epochs": 2,
+            "batch_size": 16,
+            "eval_batch_size": 32,
+            "ema": False,
+            "progress": False,
+            "device": "cpu",
+            "amp": "off",
+            "channels_last": False,
+            "lr": 3e-3,
+        },
+        device="cpu",
+    )
+    return result, load
+
+
+def test_second_stage_fusion_starts_at_the_image_model_and_trains(small_split):
+    from skin_lesion_classifier.models.fusion import (
+        fusion_from_image_model,
+        train_fusion_head,
+    )
+
+    torch.manual_seed(0)
+    torch.set_num_threads(1)
+    base, load = _tiny_trained_model(small_split)
+    meta = base.checkpoint["meta"]
+    tr = small_split[small_split.split == "train"].reset_index(drop=True)
+    va = small_split[small_split.split == "val"].reset_index(drop=True)
+    x_va = load(va)
+    p_base = predict_proba(base.model, x_va, meta["mean"], meta["std"])
+    # zero-initialised metadata branch: the fused model predicts what the base predicts
+    enc = MetadataEncoder.fit(tr, min_site_count=1)
+    fused0, meta0 = fusion_from_image_model(base.model, meta, enc.dim)
+    p0 = predict_proba(
+        fused0, x_va, meta["mean"], meta["std"], extra_inputs=enc.transform(va)
+    )
+    np.testing.assert_allclose(p0, p_base, atol=1e-5)
+    assert meta0["uses_metadata"] and meta0["model_kwargs"]["metadata_dim"] == enc.dim
+
+    cfg = {
+        "hidden": [16],
+        "epochs": 6,
+        "batch_size": 8,
+        "feature_views": 2,
+        "min_site_count": 1,
+        "lr": 1e-2,
+        "patience": 6,
+    }
+    x_tr = load(tr)
+    fusion = train_fusion_head(base.model, meta, x_tr, tr, x_va, va, cfg)
+    control = train_fusion_head(
+        base.model, meta, x_tr, tr, x_va, va, cfg, use_metadata=False
+    )
+    assert control.checkpoint is None and fusion.checkpoint is not None
+    assert 1 <= fusion.best_epoch <= 6 and len(fusion.history) >= fusion.best_epoch
+    assert fusion.history.val_balanced_accuracy.max() == pytest.approx(
+        fusion.history.set_index("epoch").loc[
+            fusion.best_epoch, "val_balanced_accuracy"
+        ]
+    )
+    # the saved fusion model reproduces its validation probabilities after a reload
+    loaded, meta2 = load_model(fusion.checkpoint)
+    enc2 = MetadataEncoder.from_dict(meta2["metadata_encoder"])
+    assert enc2.age_mean == pytest.approx(tr.age.mean())  # fitted on train rows only
+    p = predict_proba(
+        loaded, x_va, meta2["mean"], meta2["std"], extra_inputs=enc2.transform(va)
+    )
+    np.testing.assert_allclose(p, fusion.val_proba, atol=1e-4)
+    # the backbone is frozen: its weights equal the base model's
+    base_sd = base.model.state_dict()
+    for k, v in loaded.backbone.state_dict().items():
+        torch.testing.assert_close(v, base_sd[k])

@@ -286,3 +286,36 @@ def with_metadata(rows: pd.DataFrame, image_index: pd.DataFrame) -> pd.DataFrame
     for c in cols:
         out[c] = joined[c].to_numpy()
     return out
+
+
+def metadata_inputs(
+    meta: Mapping[str, Any], rows: pd.DataFrame, image_index: pd.DataFrame | None = None
+) -> np.ndarray | None:
+    """The ``extra_inputs`` to pass to ``predict_proba`` for a checkpoint ``meta``:
+    ``None`` for an image-only model, else the encoded metadata of ``rows`` (joined from
+    ``image_index`` by ``image_id`` when ``rows`` lack ``age, sex, localization``) with
+    the encoder stored in ``meta["metadata_encoder"]``."""
+    if not meta.get("uses_metadata"):
+        return None
+    if not meta.get("metadata_encoder"):
+        raise ValueError(
+            f"checkpoint of {meta.get('arch')} uses metadata but its meta has no "
+            "metadata_encoder"
+        )
+    enc = MetadataEncoder.from_dict(meta["metadata_encoder"])
+    if any(c not in rows.columns for c in METADATA_COLUMNS):
+        if image_index is None:
+            raise ValueError(
+                "this model fuses patient metadata: give rows with age, sex, localization "
+                "or the image_index to join them from"
+            )
+        rows = with_metadata(rows, image_index)
+    x = enc.transform(rows)
+    if "metadata_dim" in (meta.get("model_kwargs") or {}) and x.shape[1] != int(
+        meta["model_kwargs"]["metadata_dim"]
+    ):
+        raise ValueError(
+            f"metadata encoder gives {x.shape[1]} features but the model takes "
+            f"{meta['model_kwargs']['metadata_dim']}"
+        )
+    return x

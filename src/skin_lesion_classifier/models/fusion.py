@@ -1,40 +1,71 @@
-"""Metadata fusion: image features and an embedding of the patient metadata, concatenated
-before the classifier head.
+"""Metadata fusion: image features and an embedding of the patient metadata, combined
+before the classifier.
 
 ::
 
-    images --backbone (timm, num_classes=0)--> f  (num_features)
-    meta   --Linear-BN-ReLU-Dropout x len(hidden)--> e  (hidden[-1])
-    logits = Linear(Dropout([f, e]))
+    images --backbone--> f                         (pooled image features)
+    meta   --[Linear-BN-ReLU-Dropout] x len(hidden)--> e   (metadata embedding)
+    logits = image_head(f) + metadata_head(e)
 
-Registered with the model factory as the ``"default"`` (alias ``"concat"``) fusion
-builder, so ``create_model(arch, metadata_dim=D)`` returns a :class:`MetadataFusionModel`
-called as ``model(images, meta)``. ``metadata_dropout`` zeroes the whole metadata
-embedding of a training sample with that probability, which keeps the image branch useful
-on its own when the metadata is uninformative.
+With a plain timm backbone (built with ``num_classes=0``) ``image_head`` is
+``Dropout + Linear(num_features, C)``, so ``logits = W_f f + W_e e + b = Linear([f, e])``:
+exactly the embedding concatenated with the image features before one linear classifier.
+When the backbone brings its own head (the project's ``MultiScaleModel``: ``features()`` +
+``head``), that head stays the image head and the metadata embedding adds its linear
+contribution to its logits.
+
+The module registers itself with the model factory as the ``"default"`` (alias
+``"concat"``) fusion builder, so ``create_model(arch, metadata_dim=D)`` builds a
+:class:`MetadataFusionModel`, called as ``model(images, metadata)``; ``load_model`` rebuilds
+one from ``meta["model_kwargs"]`` (``metadata_dim``, ``fusion_kwargs``).
+
+:func:`train_fusion_head` is a second training stage that needs nothing from the training
+loop: it starts from a trained image-only checkpoint, freezes its backbone, computes the
+pooled features once, and trains the heads on ``(features, metadata)``; the same call with
+``use_metadata=False`` trains the image head alone with the same recipe, which is the
+like-for-like image-only control.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import copy
+import logging
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
 
+import numpy as np
+import pandas as pd
 import torch
 from torch import nn
 
+from skin_lesion_classifier.models.checkpoint import make_checkpoint
 from skin_lesion_classifier.models.factory import register_fusion
+
+logger = logging.getLogger(__name__)
+
+
+def _has_own_head(backbone: nn.Module) -> bool:
+    return hasattr(backbone, "features") and isinstance(
+        getattr(backbone, "head", None), nn.Module
+    )
 
 
 class MetadataFusionModel(nn.Module):
-    """A timm backbone (pooled features) + an MLP metadata embedding + a linear head.
+    """Image backbone + MLP metadata embedding, fused before the classifier.
 
     Args:
-        backbone: a timm model built with ``num_classes=0`` (returns ``(N, num_features)``).
+        backbone: a timm model built with ``num_classes=0`` (``backbone(x)`` returns pooled
+            features of size ``backbone.num_features``), or a model with ``features(x)``
+            and a ``head`` (its head is kept as the image head).
         num_classes: classifier outputs.
         metadata_dim: length of the encoded metadata vector
             (:attr:`~skin_lesion_classifier.data.metadata_features.MetadataEncoder.dim`).
         hidden: widths of the metadata MLP layers.
-        dropout: dropout on the concatenated features before the head.
-        metadata_dropout: probability, in training, of zeroing a sample's metadata embedding.
+        dropout: dropout in the metadata MLP and on the image features.
+        metadata_dropout: probability, in training, of zeroing a sample's metadata
+            embedding (keeps the image branch useful on its own).
     """
 
     def __init__(
@@ -49,12 +80,6 @@ class MetadataFusionModel(nn.Module):
         super().__init__()
         if int(metadata_dim) < 1:
             raise ValueError(f"metadata_dim must be >= 1, got {metadata_dim}")
-        num_features = int(getattr(backbone, "num_features", 0))
-        if num_features < 1:
-            raise ValueError(
-                f"backbone {type(backbone).__name__} has no num_features; build it with "
-                "timm.create_model(..., num_classes=0)"
-            )
         if not 0.0 <= float(metadata_dropout) < 1.0:
             raise ValueError(
                 f"metadata_dropout must be in [0, 1), got {metadata_dropout}"
@@ -63,6 +88,19 @@ class MetadataFusionModel(nn.Module):
         self.metadata_dim = int(metadata_dim)
         self.num_classes = int(num_classes)
         self.metadata_dropout = float(metadata_dropout)
+        self.own_head = _has_own_head(backbone)
+        if self.own_head:
+            self.image_head = None
+        else:
+            num_features = int(getattr(backbone, "num_features", 0))
+            if num_features < 1:
+                raise ValueError(
+                    f"backbone {type(backbone).__name__} has no num_features; build it "
+                    "with timm.create_model(..., num_classes=0)"
+                )
+            self.image_head = nn.Sequential(
+                nn.Dropout(dropout), nn.Linear(num_features, self.num_classes)
+            )
         layers: list[nn.Module] = []
         width = self.metadata_dim
         for h in hidden:
@@ -74,13 +112,20 @@ class MetadataFusionModel(nn.Module):
             ]
             width = int(h)
         self.metadata_mlp = nn.Sequential(*layers)
-        self.embedding_dim = width
-        self.head_dropout = nn.Dropout(dropout)
-        self.classifier = nn.Linear(num_features + width, self.num_classes)
+        self.metadata_head = nn.Linear(width, self.num_classes)
 
-    def forward(
-        self, images: torch.Tensor, metadata: torch.Tensor | None = None
-    ) -> torch.Tensor:
+    # the pieces, so a frozen backbone's features can be computed once
+    def image_features(self, images: torch.Tensor) -> torch.Tensor:
+        """Pooled image features ``(N, F)``."""
+        return (
+            self.backbone.features(images) if self.own_head else self.backbone(images)
+        )
+
+    def image_head_module(self) -> nn.Module:
+        """The image classifier (over :meth:`image_features`)."""
+        return self.backbone.head if self.own_head else self.image_head
+
+    def _check_metadata(self, metadata: torch.Tensor | None, n: int) -> None:
         if metadata is None:
             raise ValueError(
                 "this model fuses patient metadata: call it as model(images, metadata) "
@@ -92,11 +137,14 @@ class MetadataFusionModel(nn.Module):
                 f"metadata must have shape (N, {self.metadata_dim}), got "
                 f"{tuple(metadata.shape)}"
             )
-        if metadata.shape[0] != images.shape[0]:
-            raise ValueError(
-                f"{images.shape[0]} images but {metadata.shape[0]} metadata rows"
-            )
-        features = self.backbone(images)
+        if metadata.shape[0] != n:
+            raise ValueError(f"{n} images but {metadata.shape[0]} metadata rows")
+
+    def forward_from_features(
+        self, features: torch.Tensor, metadata: torch.Tensor | None
+    ) -> torch.Tensor:
+        """Logits from precomputed image features and the metadata vector."""
+        self._check_metadata(metadata, features.shape[0])
         embedding = self.metadata_mlp(metadata.to(features.dtype))
         if self.training and self.metadata_dropout > 0:
             keep = (
@@ -104,9 +152,13 @@ class MetadataFusionModel(nn.Module):
                 >= self.metadata_dropout
             )
             embedding = embedding * keep.to(embedding.dtype)
-        return self.classifier(
-            self.head_dropout(torch.cat([features, embedding], dim=1))
-        )
+        return self.image_head_module()(features) + self.metadata_head(embedding)
+
+    def forward(
+        self, images: torch.Tensor, metadata: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        self._check_metadata(metadata, images.shape[0])
+        return self.forward_from_features(self.image_features(images), metadata)
 
 
 @register_fusion("default")
@@ -128,3 +180,280 @@ def build_concat_fusion(
         dropout=dropout,
         metadata_dropout=metadata_dropout,
     )
+
+
+def fusion_from_image_model(
+    model: nn.Module,
+    meta: Mapping[str, Any],
+    metadata_dim: int,
+    fusion_kwargs: Mapping[str, Any] | None = None,
+) -> tuple[MetadataFusionModel, dict[str, Any]]:
+    """A :class:`MetadataFusionModel` around a trained image-only model: same backbone and
+    image head (weights copied), a new metadata branch whose output layer starts at zero,
+    so at first it predicts exactly what the image model predicts. Returns the model and
+    its checkpoint meta (``uses_metadata`` set; add ``metadata_encoder``)."""
+    if meta.get("uses_metadata"):
+        raise ValueError("the base model already fuses metadata")
+    kwargs = dict(fusion_kwargs or {})
+    num_classes = len(meta["classes"])
+    base = copy.deepcopy(model).cpu()
+    if _has_own_head(base):
+        fused = MetadataFusionModel(base, num_classes, metadata_dim, **kwargs)
+    else:
+        clf = base.get_classifier() if hasattr(base, "get_classifier") else None
+        if not isinstance(clf, nn.Linear):
+            raise ValueError(
+                f"cannot fuse metadata into {meta.get('arch')}: its classifier is "
+                f"{type(clf).__name__}, not one linear layer"
+            )
+        weights = copy.deepcopy(clf.state_dict())
+        base.reset_classifier(0)
+        fused = MetadataFusionModel(base, num_classes, metadata_dim, **kwargs)
+        fused.image_head[1].load_state_dict(weights)
+    nn.init.zeros_(fused.metadata_head.weight)
+    nn.init.zeros_(fused.metadata_head.bias)
+    new_meta = copy.deepcopy(dict(meta))
+    mk = dict(new_meta.get("model_kwargs") or {})
+    mk.update(metadata_dim=int(metadata_dim), fusion="default", fusion_kwargs=kwargs)
+    new_meta.update(model_kwargs=mk, uses_metadata=True)
+    for key in ("decision", "metrics"):  # belong to the image-only model
+        new_meta.pop(key, None)
+    return fused, new_meta
+
+
+# ------------------------------------------------------------------ second-stage training
+@dataclass
+class FusionHeadConfig:
+    """Knobs of :func:`train_fusion_head` (``parameters_ensemble.yml`` ``fusion:``)."""
+
+    hidden: list[int] = field(default_factory=lambda: [64, 64])
+    dropout: float = 0.2
+    metadata_dropout: float = 0.1
+    min_site_count: int = 10
+    train_image_head: bool = True
+    epochs: int = 40
+    batch_size: int = 256
+    lr: float = 1e-3
+    weight_decay: float = 1e-2
+    label_smoothing: float = 0.1
+    class_weight_power: float = 0.0
+    sampler_power: float = 0.5
+    feature_views: int = 2
+    augment: dict[str, Any] = field(default_factory=dict)
+    patience: int = 10
+    seed: int = 42
+    eval_batch_size: int = 256
+
+    @classmethod
+    def from_dict(cls, params: Mapping[str, Any] | None) -> FusionHeadConfig:
+        params = dict(params or {})
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(params) - known)
+        if unknown:
+            raise ValueError(
+                f"unknown fusion option(s) {unknown}; known: {sorted(known)}"
+            )
+        cfg = cls(**params)
+        if cfg.epochs < 1 or cfg.batch_size < 1 or cfg.feature_views < 1:
+            raise ValueError("fusion epochs, batch_size and feature_views must be >= 1")
+        return cfg
+
+
+@dataclass
+class FusionResult:
+    """What :func:`train_fusion_head` returns."""
+
+    model: nn.Module  # eval mode, CPU
+    checkpoint: dict[str, Any] | None  # contract checkpoint (None for the control)
+    history: pd.DataFrame
+    best_epoch: int
+    val_proba: np.ndarray
+
+
+def train_fusion_head(
+    base_model: nn.Module,
+    base_meta: Mapping[str, Any],
+    train_images: np.ndarray,
+    train_rows: pd.DataFrame,
+    val_images: np.ndarray,
+    val_rows: pd.DataFrame,
+    config: FusionHeadConfig | Mapping[str, Any] | None = None,
+    device: torch.device | str = "cpu",
+    use_metadata: bool = True,
+) -> FusionResult:
+    """Train the fused heads of a trained image-only model on frozen features.
+
+    ``*_images``: uint8 ``(N, H, W, 3)`` at ``base_meta["input_size"]``; ``*_rows``: the
+    same images' ``label`` and ``age, sex, localization``. The metadata encoder is fitted
+    on ``train_rows`` only. Train features are ``feature_views`` views (the first plain,
+    the others augmented); the heads are trained with class-balanced sampling
+    (``sampler_power``), label-smoothed cross-entropy and AdamW with a cosine schedule;
+    the epoch with the best validation balanced accuracy (ties: lower validation loss)
+    is kept. ``use_metadata=False`` trains only the image head with the same recipe (the
+    image-only control; its ``checkpoint`` is ``None``).
+    """
+    from skin_lesion_classifier.data.augment import AugmentConfig
+    from skin_lesion_classifier.data.metadata_features import MetadataEncoder
+    from skin_lesion_classifier.training.engine import (
+        classification_scores,
+        extract_features,
+        seed_everything,
+    )
+    from skin_lesion_classifier.training.losses import build_loss
+    from skin_lesion_classifier.training.sampler import epoch_indices
+
+    cfg = (
+        config
+        if isinstance(config, FusionHeadConfig)
+        else FusionHeadConfig.from_dict(config)
+    )
+    device = torch.device(device)
+    seed_everything(cfg.seed)
+    y_train = train_rows["label"].to_numpy(dtype=np.int64).copy()
+    y_val = val_rows["label"].to_numpy(dtype=np.int64)
+    if len(train_images) != len(y_train) or len(val_images) != len(y_val):
+        raise ValueError("images and rows differ in length")
+    encoder = MetadataEncoder.fit(train_rows, min_site_count=cfg.min_site_count)
+    fused, meta = fusion_from_image_model(
+        base_model,
+        base_meta,
+        encoder.dim,
+        {
+            "hidden": list(cfg.hidden),
+            "dropout": cfg.dropout,
+            "metadata_dropout": cfg.metadata_dropout,
+        },
+    )
+    meta["metadata_encoder"] = encoder.to_dict()
+    fused.to(device)
+    mean, std = base_meta["mean"], base_meta["std"]
+    feat_model = fused.backbone
+    kw = {"mean": mean, "std": std, "device": device, "batch_size": cfg.eval_batch_size}
+    # extract_features takes a model with features()/head or a timm model; the fusion
+    # backbone (classifier reset) gives the same pooled features as the image model
+    source = feat_model if fused.own_head else base_model.to(device)
+    views = [extract_features(source, train_images, **kw)]
+    aug = AugmentConfig.from_dict(cfg.augment)
+    for _ in range(1, cfg.feature_views):
+        views.append(extract_features(source, train_images, augment=aug, **kw))
+    train_feats = torch.stack(views)
+    val_feats = extract_features(source, val_images, **kw)
+    m_train = torch.as_tensor(encoder.transform(train_rows), device=device)
+    m_val = torch.as_tensor(encoder.transform(val_rows), device=device)
+
+    for p in fused.parameters():
+        p.requires_grad_(False)
+    trainable: list[nn.Module] = []
+    if use_metadata:
+        trainable += [fused.metadata_mlp, fused.metadata_head]
+    if cfg.train_image_head or not use_metadata:
+        trainable.append(fused.image_head_module())
+    params = [p for mod in trainable for p in mod.parameters()]
+    for p in params:
+        p.requires_grad_(True)
+    optimizer = torch.optim.AdamW(
+        [
+            {
+                "params": [p for p in params if p.ndim > 1],
+                "weight_decay": cfg.weight_decay,
+            },
+            {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0},
+        ],
+        lr=cfg.lr,
+    )
+    steps = max(1, math.ceil(len(y_train) / cfg.batch_size)) * cfg.epochs
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
+    counts = np.bincount(y_train, minlength=len(meta["classes"]))
+    criterion = build_loss("ce", counts, cfg.class_weight_power, cfg.label_smoothing)
+    zeros_val = torch.zeros_like(m_val)
+    y_dev = torch.as_tensor(y_train, device=device)
+
+    def logits(feats: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+        if use_metadata:
+            return fused.forward_from_features(feats, m)
+        return fused.image_head_module()(feats)
+
+    def predict_val() -> np.ndarray:
+        fused.eval()
+        with torch.no_grad():
+            out = [
+                torch.softmax(
+                    logits(
+                        val_feats[s : s + cfg.eval_batch_size],
+                        (m_val if use_metadata else zeros_val)[
+                            s : s + cfg.eval_batch_size
+                        ],
+                    ).float(),
+                    dim=1,
+                )
+                for s in range(0, len(y_val), cfg.eval_batch_size)
+            ]
+        return torch.cat(out).cpu().numpy()
+
+    history, best, best_key, best_epoch, bad = [], None, None, 0, 0
+    gen = torch.Generator()
+    for epoch in range(1, cfg.epochs + 1):
+        gen.manual_seed(cfg.seed * 1000 + epoch)
+        idx_all = epoch_indices(y_train, cfg.sampler_power, len(y_train), gen)
+        fused.eval()  # the frozen backbone's BatchNorm stays in eval mode
+        for mod in trainable:
+            mod.train()
+        total, seen = 0.0, 0
+        for s in range(0, len(idx_all), cfg.batch_size):
+            idx = idx_all[s : s + cfg.batch_size].to(device)
+            if len(idx) < 2:
+                continue  # BatchNorm needs two samples
+            view = torch.randint(0, train_feats.shape[0], (len(idx),), generator=gen)
+            loss = criterion(
+                logits(train_feats[view.to(device), idx], m_train[idx]).float(),
+                y_dev[idx],
+            )
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            total += float(loss.detach()) * len(idx)
+            seen += len(idx)
+        proba = predict_val()
+        scores = classification_scores(y_val, proba)
+        history.append(
+            {
+                "epoch": epoch,
+                "train_loss": total / max(seen, 1),
+                "val_loss": scores["loss"],
+                "val_balanced_accuracy": scores["balanced_accuracy"],
+                "val_macro_auc": scores["macro_auc"],
+                "lr": float(optimizer.param_groups[0]["lr"]),
+            }
+        )
+        key = (scores["balanced_accuracy"], -scores["loss"])
+        if best_key is None or key > best_key:
+            best_key, best_epoch, bad = key, epoch, 0
+            best = (copy.deepcopy(fused.state_dict()), proba)
+        else:
+            bad += 1
+            if bad >= cfg.patience:
+                break
+    fused.load_state_dict(best[0])
+    fused.eval().cpu()
+    hist = pd.DataFrame(history)
+    logger.info(
+        "fusion head (%s): best epoch %d, val BA %.4f",
+        "image + metadata" if use_metadata else "image only",
+        best_epoch,
+        best_key[0],
+    )
+    ckpt = None
+    if use_metadata:
+        meta["fusion"] = {
+            "config": asdict(cfg),
+            "best_epoch": int(best_epoch),
+            "base_metrics": dict(base_meta.get("metrics") or {}),
+        }
+        meta["metrics"] = {
+            k: float(v)
+            for k, v in hist.loc[hist.epoch == best_epoch].iloc[0].items()
+            if k.startswith("val_")
+        }
+        ckpt = make_checkpoint(fused, meta)
+    return FusionResult(fused, ckpt, hist, int(best_epoch), best[1])
