@@ -77,6 +77,9 @@ class ServiceSettings:
     threads: int = field(
         default_factory=lambda: int(os.environ.get("SLC_THREADS", "0"))
     )
+    decision_file: str | None = field(
+        default_factory=lambda: os.environ.get("SLC_DECISION") or None
+    )
     tracking_uri: str = field(
         default_factory=lambda: os.environ.get(
             "MLFLOW_TRACKING_URI", "sqlite:///mlflow.db"
@@ -99,6 +102,9 @@ class DecisionInfo(BaseModel):
     )
     note: str | None = Field(
         description="caveat, e.g. when no validated threshold exists"
+    )
+    source: str = Field(
+        description="where the rule came from: checkpoint meta, a decision file, or none"
     )
 
 
