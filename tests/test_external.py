@@ -129,3 +129,123 @@ def test_external_metadata_joins_and_reports_gaps(external_set, tmp_path):
     assert r.loc[meta.image_id.iloc[1], "sex"] == "unknown"
     assert r.loc[meta.image_id.iloc[1], "lesion_id"] == meta.image_id.iloc[1]
     assert r.loc[meta.image_id.iloc[3], "lesion_id"] == meta.lesion_id.iloc[3]
+
+
+def _catalog(project_root: Path, out: Path) -> dict:
+    import yaml
+
+    conf = yaml.safe_load(
+        (project_root / "conf/base/catalog_external_validation.yml").read_text()
+    )
+    for entry in conf.values():
+        inner = entry.get("dataset", entry)
+        if "filepath" in inner:
+            inner["filepath"] = str(out / inner["filepath"])
+    return conf
+
+
+def test_external_pipeline_reports_an_ensemble_with_the_gaps_listed(
+    external_set, small_split, project_root, tmp_path
+):
+    """Two tiny trained models (one fusing metadata) as one ensemble checkpoint, evaluated
+    on the external set by the Kedro pipeline through its own catalog entries."""
+    import json
+
+    import mlflow
+    import torch
+    import yaml
+    from kedro.io import DataCatalog
+    from kedro.runner import SequentialRunner
+    from sklearn.metrics import balanced_accuracy_score
+
+    from skin_lesion_classifier.evaluation.ensemble import (
+        build_ensemble_checkpoint,
+        save_ensemble,
+    )
+    from skin_lesion_classifier.models.fusion import train_fusion_head
+    from skin_lesion_classifier.pipelines.external_validation import create_pipeline
+    from tests.test_fusion import _tiny_trained_model
+
+    torch.set_num_threads(1)
+    base, load = _tiny_trained_model(small_split)
+    tr = small_split[small_split.split == "train"].reset_index(drop=True)
+    va = small_split[small_split.split == "val"].reset_index(drop=True)
+    fused = train_fusion_head(
+        base.model,
+        base.checkpoint["meta"],
+        load(tr),
+        tr,
+        load(va),
+        va,
+        {
+            "hidden": [8],
+            "epochs": 2,
+            "batch_size": 8,
+            "feature_views": 1,
+            "min_site_count": 1,
+        },
+    )
+    ckpt = tmp_path / "ensemble.pt"
+    save_ensemble(
+        ckpt,
+        build_ensemble_checkpoint(
+            [("image", base.checkpoint), ("meta", fused.checkpoint)], [0.5, 0.5]
+        ),
+    )
+    params = yaml.safe_load(
+        (project_root / "conf/base/parameters_external_validation.yml").read_text()
+    )["external_validation"]
+    params.update(
+        image_dir=str(external_set["images"]),
+        labels_csv=str(external_set["csv"]),
+        checkpoint=str(ckpt),
+        device="cpu",
+        bootstrap={"n_boot": 100, "seed": 0, "level": 0.95},
+    )
+    out = tmp_path / "run"
+    catalog = DataCatalog.from_config(_catalog(project_root, out))
+    catalog["params:external_validation"] = params
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    mlflow.set_experiment("external_test")
+    try:
+        with mlflow.start_run() as run:
+            SequentialRunner().run(create_pipeline(), catalog)
+        logged = mlflow.get_run(run.info.run_id).data.metrics
+    finally:
+        mlflow.set_tracking_uri(None)
+
+    issues = pd.read_csv(out / "data/08_reporting/external_issues.csv")
+    assert sorted(zip(issues.issue, issues.image_id)) == [
+        ("no_image", external_set["missing_image"]),
+        ("no_label", external_set["unlabeled"]),
+    ]
+    pred = pd.read_parquet(out / "data/07_model_output/external_predictions.parquet")
+    assert len(pred) == 20 and set(pred.split) == {"external"}
+    m = json.loads((out / "data/08_reporting/external_metrics.json").read_text())
+    s = m["splits"]["external"]
+    assert s["argmax"]["n"] == 20
+    assert s["argmax"]["balanced_accuracy"] == pytest.approx(
+        balanced_accuracy_score(pred.label, pred.pred)
+    )
+    assert m["issues"] == {"used": 20, "no_image": 1, "no_label": 1}
+    assert m["model"]["uses_metadata"] and len(m["model"]["ensemble"]) == 2
+    assert logged["external_n_no_image"] == 1 and logged["external_n_no_label"] == 1
+    report = (out / "data/08_reporting/external_report.md").read_text()
+    assert (
+        external_set["missing_image"] in report and external_set["unlabeled"] in report
+    )
+    assert "age, sex and site unknown" in report
+    for key in (
+        "per_class",
+        "confusion_matrix",
+        "roc_curves",
+        "melanoma_roc",
+        "reliability",
+    ):
+        assert (
+            out / f"data/08_reporting/figures/external_{key}.png"
+        ).stat().st_size > 1000
+    assert (
+        "data:image/png;base64"
+        in (out / "data/08_reporting/external_report.html").read_text()
+    )

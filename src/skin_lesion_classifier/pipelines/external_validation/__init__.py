@@ -1,0 +1,5 @@
+"""External validation pipeline."""
+
+from .pipeline import create_pipeline
+
+__all__ = ["create_pipeline"]
