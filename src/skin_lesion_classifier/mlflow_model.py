@@ -1,0 +1,107 @@
+"""The trained classifier as an MLflow pyfunc model.
+
+The model carries the checkpoint (``checkpoint.pt`` artifact) whose meta holds the class
+names and the preprocessing (input size, mean, std); ``predict`` takes a DataFrame with a
+``path`` column (image files) or an ``image`` column (file paths, raw bytes or ``(H, W, 3)``
+uint8 arrays, any size) and returns one ``prob_<class>`` column per class plus ``pred``::
+
+    model = mlflow.pyfunc.load_model("models:/<model id>")
+    model.predict(pd.DataFrame({"path": ["ISIC_0024306.jpg"]}))
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import mlflow.pyfunc
+import numpy as np
+import pandas as pd
+from PIL import Image
+
+from skin_lesion_classifier.data.images import load_resized, resize_rgb
+from skin_lesion_classifier.device import detect_device
+from skin_lesion_classifier.inference.predict import predict_proba
+from skin_lesion_classifier.models.checkpoint import load_model
+
+#: Packages the pyfunc needs besides this project (given explicitly: no inference run).
+PIP_REQUIREMENTS = [
+    "torch",
+    "torchvision",
+    "timm",
+    "numpy",
+    "pandas",
+    "pillow",
+    "scikit-learn",
+]
+
+
+def _to_uint8(item: Any, size: tuple[int, int]) -> np.ndarray:
+    if isinstance(item, np.ndarray):
+        if item.ndim != 3 or item.shape[-1] != 3 or item.dtype != np.uint8:
+            raise ValueError(
+                f"image arrays must be (H, W, 3) uint8, got {item.shape} {item.dtype}"
+            )
+        return resize_rgb(Image.fromarray(item), size)
+    return load_resized(item, size)
+
+
+def images_from_frame(frame: pd.DataFrame, size: tuple[int, int]) -> np.ndarray:
+    """``(N, H, W, 3)`` uint8 model input from a DataFrame's ``path`` or ``image`` column."""
+    if not isinstance(frame, pd.DataFrame):
+        frame = pd.DataFrame(frame)
+    column = (
+        "path"
+        if "path" in frame.columns
+        else "image"
+        if "image" in frame.columns
+        else None
+    )
+    if column is None:
+        raise ValueError(
+            f"input needs a 'path' or 'image' column, got {list(frame.columns)}"
+        )
+    if len(frame) == 0:
+        return np.zeros((0, size[0], size[1], 3), dtype=np.uint8)
+    return np.stack([_to_uint8(v, size) for v in frame[column]])
+
+
+class SkinLesionPyfunc(mlflow.pyfunc.PythonModel):
+    """Probabilities of every class for a DataFrame of images (see the module docstring)."""
+
+    def __init__(
+        self, device: str = "auto", batch_size: int = 64, tta: bool = False
+    ) -> None:
+        self.device_name = device
+        self.batch_size = batch_size
+        self.tta = tta
+        self.model = None
+        self.meta: dict[str, Any] = {}
+
+    def load_context(self, context) -> None:
+        self.device = detect_device(self.device_name)
+        self.model, self.meta = load_model(context.artifacts["checkpoint"], self.device)
+
+    def predict(
+        self, context, model_input, params: dict[str, Any] | None = None
+    ) -> pd.DataFrame:
+        if self.model is None:
+            self.load_context(context)
+        size = tuple(self.meta["input_size"])
+        images = images_from_frame(model_input, size)
+        tta = (params or {}).get("tta", self.tta)
+        proba = predict_proba(
+            self.model,
+            images,
+            self.meta["mean"],
+            self.meta["std"],
+            self.device,
+            self.batch_size,
+            tta=tta,
+        )
+        classes = self.meta["classes"]
+        out = pd.DataFrame(
+            proba.reshape(len(images), len(classes)),
+            columns=[f"prob_{c}" for c in classes],
+        )
+        out["pred"] = [classes[i] for i in out.to_numpy().argmax(1)] if len(out) else []
+        return out

@@ -1,0 +1,5 @@
+"""training pipeline: image cache + split -> trained model, history, MLflow model."""
+
+from .pipeline import create_pipeline
+
+__all__ = ["create_pipeline"]

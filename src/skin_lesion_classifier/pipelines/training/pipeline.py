@@ -1,0 +1,30 @@
+"""training: image cache + split assignment -> model checkpoint, history, MLflow model."""
+
+from kedro.pipeline import Node, Pipeline
+
+from .nodes import best_validation_metrics, make_mlflow_model, train_classifier
+
+
+def create_pipeline(**kwargs) -> Pipeline:
+    return Pipeline(
+        [
+            Node(
+                train_classifier,
+                ["image_cache", "split_assignment", "params:training"],
+                ["model_checkpoint", "training_history", "training_metrics"],
+                name="train_classifier",
+            ),
+            Node(
+                best_validation_metrics,
+                "model_checkpoint",
+                "best_validation_metrics",
+                name="best_validation_metrics",
+            ),
+            Node(
+                make_mlflow_model,
+                ["model_checkpoint", "params:training"],
+                "mlflow_model",
+                name="log_mlflow_model",
+            ),
+        ]
+    )
