@@ -101,6 +101,7 @@ def test_int8_model_is_smaller_and_close(
     drift = compare_predictors(load_predictor(checkpoint), q, sample_images)
     assert drift == pytest.approx(exported["int8"])
     assert drift["max_abs_diff"] <= 0.05
+    assert exported["int8_recommended"] is (drift["top1_agreement"] >= 0.99)
 
 
 def test_onnx_without_meta_is_refused(tmp_path: Path, exported: dict) -> None:

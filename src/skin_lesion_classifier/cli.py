@@ -313,6 +313,11 @@ def cmd_export_onnx(args: argparse.Namespace) -> int:
             f"int8 vs PyTorch: max |dp| = {q['max_abs_diff']:.3g}, mean {q['mean_abs_diff']:.3g}, "
             f"top-1 agreement {q['top1_agreement']:.3f}"
         )
+        _echo(
+            "int8 recommended: yes"
+            if report["int8_recommended"]
+            else "int8 NOT recommended (drift above the bound); serve the fp32 ONNX model"
+        )
     return 0
 
 
