@@ -289,7 +289,8 @@ def test_inference_pipeline_runs_with_its_catalog_entries(
     from kedro.runner import SequentialRunner
     from kedro_datasets.pandas import CSVDataset
 
-    from skin_lesion_classifier.pipelines.inference.pipeline import create_pipeline
+    # imported from the package, as find_pipelines does
+    from skin_lesion_classifier.pipelines.inference import create_pipeline
 
     pipeline = create_pipeline()
     catalog_conf = yaml.safe_load(
