@@ -51,6 +51,27 @@ viz: setup  ## serve the pipeline graph (kedro viz) on localhost
 mlflow-ui: setup  ## the MLflow UI over the local store (mlflow.db)
 	$(KEDRO) mlflow ui
 
+show-results: setup  ## print the headline metrics table of the latest run
+	$(BIN)/python -m skin_lesion_classifier.show_results
+
+serve: setup  ## the FastAPI service + upload page on http://$(HOST):$(PORT) (MODEL=...pt|.onnx|runs:/..|models:/..)
+	$(BIN)/skin-lesion-classifier serve --model $(MODEL) --host $(HOST) --port $(PORT)
+
+serve-dev: setup  ## the service with auto-reload and debug logs
+	$(BIN)/skin-lesion-classifier serve --model $(MODEL) --host $(HOST) --port $(PORT) --reload --log-level debug
+
+api-docs: setup  ## write the OpenAPI schema to docs/api/openapi.json (the running service also serves /docs)
+	$(BIN)/skin-lesion-classifier api-docs --output docs/api/openapi.json
+
+predict: setup  ## predict a folder: make predict INPUT=folder [OUTPUT=predictions.csv]
+	$(BIN)/skin-lesion-classifier predict $(INPUT) --model $(MODEL) --output $(or $(OUTPUT),data/07_model_output/predictions.csv)
+
+export-onnx: setup  ## export the model to ONNX (+ int8) and check it against PyTorch
+	$(BIN)/skin-lesion-classifier export-onnx --model $(MODEL)
+
+bench-inference: setup  ## CPU latency/throughput of PyTorch and ONNX Runtime, service requests/s (loopback)
+	$(BIN)/skin-lesion-classifier bench-inference --model $(MODEL)
+
 clean:  ## remove pipeline outputs (keeps data/01_raw and the MLflow store)
 	find data/02_intermediate data/03_primary data/04_feature data/05_model_input data/06_models \
 	     data/07_model_output data/08_reporting -type f ! -name .gitkeep -delete

@@ -47,7 +47,9 @@ def load_rgb(source: str | os.PathLike | bytes, name: str | None = None) -> Imag
     except ImageDecodeError:
         raise
     except UnidentifiedImageError as exc:
-        raise ImageDecodeError(f"{label}: not a readable image ({exc})") from exc
+        raise ImageDecodeError(
+            f"{label}: not a readable image (no image format recognised)"
+        ) from exc
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
         raise ImageDecodeError(f"{label}: corrupt or truncated image ({exc})") from exc
 
