@@ -165,3 +165,197 @@ def test_ensemble_refuses_mismatched_members(two_members):
     assert kept == [True, False]
     assert not ck["meta"]["uses_metadata"]
     assert all(k.startswith("members.0.") for k in ck["state_dict"])
+
+
+# ------------------------------------------------------------------ the Kedro pipeline
+def _moved_catalog(project_root, out):
+    import yaml
+
+    conf = yaml.safe_load((project_root / "conf/base/catalog_ensemble.yml").read_text())
+    for entry in conf.values():
+        inner = entry.get("dataset", entry)
+        for key in ("filepath", "path"):
+            if key in inner:
+                inner[key] = str(out / inner[key])
+        arts = entry.get("save_args", {}).get("artifacts", {})
+        for k, v in arts.items():
+            arts[k] = str(out / v)
+    return conf
+
+
+def _param_inputs(pipe, params: dict) -> dict:
+    """``params:a.b.c`` inputs of ``pipe`` resolved in the nested ``params``."""
+    out = {}
+    for name in pipe.inputs():
+        if name.startswith("params:"):
+            value = params
+            for key in name.removeprefix("params:").split("."):
+                value = value[key]
+            out[name] = value
+    return out
+
+
+@pytest.fixture(scope="module")
+def ensemble_run(tmp_path_factory, small_split, project_root):
+    """The ensemble pipeline end to end: two tiny architectures trained for two epochs on
+    the 56 real images of ``small_split``, their metadata fusions, the ensemble."""
+    import mlflow
+    import yaml
+    from kedro.io import DataCatalog
+    from kedro.runner import SequentialRunner
+
+    from skin_lesion_classifier.pipelines.ensemble import create_pipeline
+
+    torch.set_num_threads(1)
+    out = tmp_path_factory.mktemp("ensemble_run")
+    conf = project_root / "conf/base"
+    params = yaml.safe_load((conf / "parameters_ensemble.yml").read_text())
+    for name in ("parameters_evaluation.yml", "parameters_reporting.yml"):
+        params.update(yaml.safe_load((conf / name).read_text()))
+    tiny = {
+        "pretrained": False,
+        "allow_random_init": True,
+        "input_size": [48, 64],
+        "epochs": 2,
+        "batch_size": 16,
+        "eval_batch_size": 32,
+        "lr": 3e-3,
+        "ema": False,
+        "amp": "off",
+        "channels_last": False,
+        "device": "cpu",
+        "progress": False,
+        "data_path": "dataloader",
+        "num_workers": 0,
+    }
+    for m, arch in (("member_1", "test_efficientnet"), ("member_2", "resnet10t")):
+        params["ensemble"]["members"][m] = {
+            "model_input": {
+                "input_size": [48, 64],
+                "num_workers": 1,
+                "progress": False,
+            },
+            "training": {
+                "checkpoint_dir": str(out / m),
+                "train": {**tiny, "arch": arch},
+            },
+        }
+    params["ensemble"]["fusion"].update(
+        hidden=[8],
+        epochs=3,
+        batch_size=8,
+        feature_views=1,
+        min_site_count=1,
+        patience=3,
+    )
+    params["ensemble"]["predict"]["device"] = "cpu"
+    params["ensemble"]["compare"]["n_boot"] = 100
+    params["evaluation"].update(device="cpu")
+    params["evaluation"]["bootstrap"]["n_boot"] = 100
+    pipe = create_pipeline()
+    catalog = DataCatalog.from_config(_moved_catalog(project_root, out))
+    from kedro_mlflow.io.metrics import MlflowMetricsHistoryDataset
+
+    for name in list(catalog.keys()):  # what kedro-mlflow's hook does in a kedro run
+        if isinstance(catalog.get(name), MlflowMetricsHistoryDataset):
+            catalog[name] = MlflowMetricsHistoryDataset(prefix=name)
+    inputs = {
+        "split_assignment": small_split.drop(columns=["path"]),
+        "image_index": small_split,
+        **_param_inputs(pipe, params),
+    }
+    for name, value in inputs.items():
+        catalog[name] = value
+    mlflow.set_tracking_uri(f"sqlite:///{out / 'mlflow.db'}")
+    mlflow.set_experiment("ensemble_test")
+    try:
+        with mlflow.start_run() as run:
+            SequentialRunner().run(pipe, catalog)
+        logged = mlflow.get_run(run.info.run_id).data.metrics
+    finally:
+        mlflow.set_tracking_uri(None)
+    return {"out": out, "split": small_split, "metrics": logged, "params": params}
+
+
+def test_ensemble_pipeline_end_to_end(ensemble_run):
+    import json
+
+    import pandas as pd
+
+    out, split = ensemble_run["out"], ensemble_run["split"]
+    weights = json.loads((out / "data/06_models/ensemble/weights.json").read_text())
+    combine = weights["combine"]
+    assert combine["names"] == [
+        "member_1",
+        "member_2",
+        "member_1_meta",
+        "member_2_meta",
+    ]
+    assert sum(combine["weights"]) == pytest.approx(1.0)
+    # weights were chosen on validation: the chosen mixture's val log loss is no worse
+    # than uniform averaging
+    assert combine["val"]["log_loss"] <= combine["val_uniform"]["log_loss"] + 1e-9
+    # the saved ensemble is one checkpoint the shared loader rebuilds, and it reproduces
+    # the ensemble's test predictions from the images and the patients' metadata
+    model, meta = load_any_model(out / "data/06_models/ensemble/ensemble.pt")
+    assert meta["arch"] == ENSEMBLE_ARCH and meta["uses_metadata"]
+    test_rows = split[split.split == "test"].reset_index(drop=True)
+    pred = pd.read_parquet(
+        out / "data/07_model_output/ensemble/ensemble/test_predictions.parquet"
+    )
+    assert pred.image_id.tolist() == test_rows.image_id.tolist()
+    imgs = np.stack(
+        [load_resized(p, tuple(meta["input_size"])) for p in test_rows.path]
+    )
+    x_meta = MetadataEncoder.from_dict(meta["metadata_encoder"]).transform(test_rows)
+    p = predict_proba(model, imgs, meta["mean"], meta["std"], extra_inputs=x_meta)
+    np.testing.assert_allclose(p, pred.filter(like="prob_").to_numpy(), atol=1e-4)
+    # evaluated and reported like a single model
+    metrics = json.loads(
+        (
+            out / "data/08_reporting/ensemble/ensemble/evaluation_metrics.json"
+        ).read_text()
+    )
+    assert metrics["splits"]["test"]["argmax"]["n"] == len(test_rows)
+    assert metrics["model"]["arch"] == ENSEMBLE_ARCH
+    report = (out / "data/08_reporting/ensemble/report.md").read_text()
+    assert "ensemble report" in report
+    assert (
+        out / "data/08_reporting/ensemble/figures/confusion_matrix.png"
+    ).stat().st_size > 1000
+    rule = json.loads((out / "data/06_models/ensemble/decision_rule.json").read_text())
+    assert rule["chosen_on"] == "val"
+    # the comparison against the best single model (chosen on validation)
+    table = pd.read_csv(out / "data/08_reporting/ensemble/comparison.csv")
+    best = table.best_single.iloc[0]
+    assert best in ("member_1", "member_2")
+    val_ba = table[table.metric == "balanced_accuracy"].set_index("model")[
+        "val_balanced_accuracy"
+    ]
+    assert val_ba[best] == max(val_ba["member_1"], val_ba["member_2"])
+    assert set(table.model) == {
+        "member_1",
+        "member_2",
+        "member_1_meta",
+        "member_2_meta",
+        "member_1_meta_control",
+        "member_2_meta_control",
+        "ensemble_image",
+        "ensemble",
+    }
+    ref = table[(table.model == best)]
+    assert (ref["diff"] == 0).all()
+    # MLflow: members' training curves, every model's evaluation, the comparison
+    logged = ensemble_run["metrics"]
+    assert any(k.startswith("member_2.training_metrics.") for k in logged)
+    assert any(k.startswith("member_1_meta.evaluation_mlflow_metrics.") for k in logged)
+    assert any(k.startswith("ensemble.evaluation_mlflow_metrics.") for k in logged)
+    assert (
+        "ensemble.comparison_metrics.compare_ensemble_test_balanced_accuracy" in logged
+    )
+    fusion_hist = pd.read_csv(
+        out / "data/08_reporting/ensemble/member_1_meta/fusion_history.csv"
+    )
+    assert {"val_balanced_accuracy", "control_val_balanced_accuracy"} <= set(
+        fusion_hist.columns
+    )

@@ -225,6 +225,86 @@ def ensemble_predictions(
     return predictions_frame(first, p)
 
 
+# --------------------------------------------------------------------------- comparison
+#: Figures of :func:`compare_models` (keys of ``bootstrap.weighted_metrics``).
+COMPARE_METRICS = ("balanced_accuracy", "macro_auc", "mel_auc")
+
+
+def compare_models(
+    frames: Mapping[str, pd.DataFrame],
+    reference: str,
+    n_boot: int = 1000,
+    seed: int = 0,
+    level: float = 0.95,
+    metrics: Sequence[str] = COMPARE_METRICS,
+) -> pd.DataFrame:
+    """Each model's figures on the same images with lesion-bootstrap intervals, and its
+    difference from ``reference`` with a **paired** interval (both models scored on the
+    same resampled lesions in every replicate).
+
+    ``frames`` maps model names to ``predictions`` frames of the same images (any order;
+    aligned by ``image_id``). One row per model and metric: ``model, metric, estimate,
+    low, high, diff, diff_low, diff_high, n_boot`` (percentile intervals at ``level``).
+    """
+    from skin_lesion_classifier.evaluation.bootstrap import (
+        lesion_bootstrap_weights,
+        weighted_metrics,
+    )
+
+    if reference not in frames:
+        raise ValueError(f"reference model {reference!r} is not among {sorted(frames)}")
+    ref = frames[reference].sort_values("image_id").reset_index(drop=True)
+    y = ref["label"].to_numpy()
+    groups = ref["lesion_id"].to_numpy()
+    aligned = {}
+    for name, frame in frames.items():
+        f = frame.sort_values("image_id").reset_index(drop=True)
+        if len(f) != len(ref) or not np.array_equal(
+            f["image_id"].to_numpy(), ref["image_id"].to_numpy()
+        ):
+            raise ValueError(
+                f"model {name!r} was scored on other images than {reference!r}"
+            )
+        aligned[name] = probabilities_of(f)
+    w = np.vstack(
+        [np.ones((1, len(y))), lesion_bootstrap_weights(groups, n_boot, seed)]
+    )
+    values = {
+        name: weighted_metrics(y, p, w, sensitivity_targets=())
+        for name, p in aligned.items()
+    }
+    lo, hi = 100 * (1 - level) / 2, 100 * (1 + level) / 2
+
+    def interval(v: np.ndarray) -> tuple[float, float]:
+        v = v[np.isfinite(v)]
+        return (
+            (float(np.percentile(v, lo)), float(np.percentile(v, hi)))
+            if v.size
+            else (float("nan"), float("nan"))
+        )
+
+    rows = []
+    for name in frames:
+        for m in metrics:
+            v, r = values[name][m], values[reference][m]
+            low, high = interval(v[1:])
+            dlow, dhigh = interval(v[1:] - r[1:])
+            rows.append(
+                {
+                    "model": name,
+                    "metric": m,
+                    "estimate": float(v[0]),
+                    "low": low,
+                    "high": high,
+                    "diff": float(v[0] - r[0]),
+                    "diff_low": dlow,
+                    "diff_high": dhigh,
+                    "n_boot": int(n_boot),
+                }
+            )
+    return pd.DataFrame(rows)
+
+
 # --------------------------------------------------------------------------- the model
 class EnsembleModel(nn.Module):
     """Weighted probability average of member models, as one ``nn.Module``.
@@ -492,7 +572,9 @@ def load_ensemble(
 
 
 __all__ = [
+    "COMPARE_METRICS",
     "ENSEMBLE_ARCH",
+    "compare_models",
     "PROB_COLUMNS",
     "EnsembleModel",
     "average_probabilities",

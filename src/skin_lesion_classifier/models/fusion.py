@@ -270,16 +270,51 @@ class FusionResult:
     val_proba: np.ndarray
 
 
-def train_fusion_head(
+def fusion_features(
     base_model: nn.Module,
     base_meta: Mapping[str, Any],
     train_images: np.ndarray,
-    train_rows: pd.DataFrame,
     val_images: np.ndarray,
+    config: FusionHeadConfig | Mapping[str, Any] | None = None,
+    device: torch.device | str = "cpu",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Frozen pooled features of the image model: ``(feature_views, N_train, F)`` for the
+    training images (view 0 plain, the others augmented with ``config.augment``) and
+    ``(N_val, F)`` for validation (the training engine's ``extract_features``)."""
+    from skin_lesion_classifier.data.augment import AugmentConfig
+    from skin_lesion_classifier.training.engine import extract_features
+
+    cfg = (
+        config
+        if isinstance(config, FusionHeadConfig)
+        else FusionHeadConfig.from_dict(config)
+    )
+    device = torch.device(device)
+    model = base_model.to(device).eval()
+    kw = {
+        "mean": base_meta["mean"],
+        "std": base_meta["std"],
+        "device": device,
+        "batch_size": cfg.eval_batch_size,
+    }
+    views = [extract_features(model, train_images, **kw)]
+    aug = AugmentConfig.from_dict(cfg.augment)
+    for _ in range(1, cfg.feature_views):
+        views.append(extract_features(model, train_images, augment=aug, **kw))
+    return torch.stack(views), extract_features(model, val_images, **kw)
+
+
+def train_fusion_head(
+    base_model: nn.Module,
+    base_meta: Mapping[str, Any],
+    train_images: np.ndarray | None,
+    train_rows: pd.DataFrame,
+    val_images: np.ndarray | None,
     val_rows: pd.DataFrame,
     config: FusionHeadConfig | Mapping[str, Any] | None = None,
     device: torch.device | str = "cpu",
     use_metadata: bool = True,
+    features: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> FusionResult:
     """Train the fused heads of a trained image-only model on frozen features.
 
@@ -290,13 +325,13 @@ def train_fusion_head(
     (``sampler_power``), label-smoothed cross-entropy and AdamW with a cosine schedule;
     the epoch with the best validation balanced accuracy (ties: lower validation loss)
     is kept. ``use_metadata=False`` trains only the image head with the same recipe (the
-    image-only control; its ``checkpoint`` is ``None``).
+    image-only control; its ``checkpoint`` is ``None``). ``features`` = ``(train views
+    (V, N, F), val (N, F))`` from :func:`fusion_features` skips the feature extraction
+    (e.g. to train the fusion and its control on the same features).
     """
-    from skin_lesion_classifier.data.augment import AugmentConfig
     from skin_lesion_classifier.data.metadata_features import MetadataEncoder
     from skin_lesion_classifier.training.engine import (
         classification_scores,
-        extract_features,
         seed_everything,
     )
     from skin_lesion_classifier.training.losses import build_loss
@@ -311,7 +346,9 @@ def train_fusion_head(
     seed_everything(cfg.seed)
     y_train = train_rows["label"].to_numpy(dtype=np.int64).copy()
     y_val = val_rows["label"].to_numpy(dtype=np.int64)
-    if len(train_images) != len(y_train) or len(val_images) != len(y_val):
+    if features is None and (
+        len(train_images) != len(y_train) or len(val_images) != len(y_val)
+    ):
         raise ValueError("images and rows differ in length")
     encoder = MetadataEncoder.fit(train_rows, min_site_count=cfg.min_site_count)
     fused, meta = fusion_from_image_model(
@@ -326,18 +363,13 @@ def train_fusion_head(
     )
     meta["metadata_encoder"] = encoder.to_dict()
     fused.to(device)
-    mean, std = base_meta["mean"], base_meta["std"]
-    feat_model = fused.backbone
-    kw = {"mean": mean, "std": std, "device": device, "batch_size": cfg.eval_batch_size}
-    # extract_features takes a model with features()/head or a timm model; the fusion
-    # backbone (classifier reset) gives the same pooled features as the image model
-    source = feat_model if fused.own_head else base_model.to(device)
-    views = [extract_features(source, train_images, **kw)]
-    aug = AugmentConfig.from_dict(cfg.augment)
-    for _ in range(1, cfg.feature_views):
-        views.append(extract_features(source, train_images, augment=aug, **kw))
-    train_feats = torch.stack(views)
-    val_feats = extract_features(source, val_images, **kw)
+    if features is None:
+        features = fusion_features(
+            base_model, base_meta, train_images, val_images, cfg, device
+        )
+    train_feats, val_feats = (f.to(device) for f in features)
+    if train_feats.shape[1] != len(y_train) or len(val_feats) != len(y_val):
+        raise ValueError("precomputed features do not match the train / val rows")
     m_train = torch.as_tensor(encoder.transform(train_rows), device=device)
     m_val = torch.as_tensor(encoder.transform(val_rows), device=device)
 
@@ -457,3 +489,26 @@ def train_fusion_head(
         }
         ckpt = make_checkpoint(fused, meta)
     return FusionResult(fused, ckpt, hist, int(best_epoch), best[1])
+
+
+@torch.no_grad()
+def proba_from_features(
+    model: MetadataFusionModel,
+    features: torch.Tensor,
+    metadata: np.ndarray | None,
+    batch_size: int = 1024,
+) -> np.ndarray:
+    """Class probabilities from precomputed image features: the fused model when
+    ``metadata`` is given, its image head alone when it is ``None`` (the image-only
+    control of :func:`train_fusion_head`)."""
+    model.eval()
+    out = []
+    for s in range(0, len(features), batch_size):
+        f = features[s : s + batch_size]
+        if metadata is None:
+            z = model.image_head_module()(f)
+        else:
+            m = torch.as_tensor(metadata[s : s + batch_size], device=f.device)
+            z = model.forward_from_features(f, m)
+        out.append(torch.softmax(z.float(), dim=1).cpu().numpy())
+    return np.concatenate(out) if out else np.zeros((0, model.num_classes), np.float32)
