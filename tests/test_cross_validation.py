@@ -124,3 +124,132 @@ def test_oof_predictions_cover_every_image_once_and_folds_summarise(assignment):
     partial = {k: v for k, v in preds.items() if k != 3}
     with pytest.raises(ValueError, match="no out-of-fold prediction"):
         collect_oof(partial, assignment)
+
+
+@pytest.fixture(scope="module")
+def folded_small_split(small_split):
+    """``small_split`` with 3 lesion-grouped folds over its train+val rows."""
+    from skin_lesion_classifier.data.splitting import group_kfold
+
+    out = small_split.copy()
+    dev = out.split != "test"
+    out.loc[dev, "fold"] = group_kfold(
+        out.loc[dev, "dx"], out.loc[dev, "lesion_id"], 3, seed=0
+    )
+    return out
+
+
+def test_fold_assignment_keeps_the_held_out_fold_out_of_training_and_selection(
+    folded_small_split,
+):
+    from skin_lesion_classifier.pipelines.cross_validation.nodes import fold_assignment
+
+    for k in (0, 1, 2):
+        a = fold_assignment(folded_small_split, k, inner_validation=True)
+        held = set(a.loc[a.split == "heldout", "lesion_id"])
+        used = set(a.loc[a.split.isin(["train", "val"]), "lesion_id"])
+        assert held and not held & used
+        assert set(a.loc[a.split == "val", "fold"]) == {(k + 1) % 3}
+        assert (a.split == "test").sum() == (folded_small_split.split == "test").sum()
+
+
+def test_cross_validation_pipeline_trains_each_fold_and_reports(
+    folded_small_split, project_root, tmp_path
+):
+    """Three tiny models, one per fold, on the real images; OOF predictions, per-fold
+    metrics, mean +- sd, MLflow, report section."""
+    import json
+
+    import mlflow
+    import torch
+    import yaml
+    from kedro.io import DataCatalog
+    from kedro.runner import SequentialRunner
+    from kedro_mlflow.io.metrics import MlflowMetricsHistoryDataset
+
+    from skin_lesion_classifier.data.cache import build_image_cache
+    from skin_lesion_classifier.pipelines.cross_validation import create_pipeline
+
+    torch.set_num_threads(1)
+    conf = yaml.safe_load(
+        (project_root / "conf/base/catalog_cross_validation.yml").read_text()
+    )
+    for entry in conf.values():
+        inner = entry.get("dataset", entry)
+        if "filepath" in inner:
+            inner["filepath"] = str(tmp_path / inner["filepath"])
+    catalog = DataCatalog.from_config(conf)
+    catalog["cv_mlflow_metrics"] = MlflowMetricsHistoryDataset(
+        prefix="cv_mlflow_metrics"
+    )
+    params = yaml.safe_load(
+        (project_root / "conf/base/parameters_cross_validation.yml").read_text()
+    )["cross_validation"]
+    params.update(checkpoint_dir=str(tmp_path / "cv"), predict={"device": "cpu"})
+    training = {
+        "train": {
+            "arch": "test_efficientnet",
+            "pretrained": False,
+            "allow_random_init": True,
+            "input_size": [48, 64],
+            "epochs": 2,
+            "batch_size": 16,
+            "eval_batch_size": 32,
+            "ema": False,
+            "amp": "off",
+            "channels_last": False,
+            "device": "cpu",
+            "progress": False,
+            "data_path": "dataloader",
+            "num_workers": 0,
+        }
+    }
+    split = folded_small_split
+    for name, value in {
+        "image_cache": build_image_cache(
+            split, (48, 64), num_workers=1, progress=False
+        ),
+        "split_assignment": split.drop(columns=["path"]),
+        "image_index": split,
+        "params:training": training,
+        "params:cross_validation": params,
+    }.items():
+        catalog[name] = value
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    mlflow.set_experiment("cv_test")
+    try:
+        with mlflow.start_run() as run:
+            SequentialRunner().run(create_pipeline(), catalog)
+        client = mlflow.tracking.MlflowClient()
+        history = client.get_metric_history(
+            run.info.run_id, "cv_mlflow_metrics.cv_balanced_accuracy"
+        )
+        logged = client.get_run(run.info.run_id).data.metrics
+    finally:
+        mlflow.set_tracking_uri(None)
+
+    oof = pd.read_parquet(tmp_path / "data/07_model_output/cv_oof_predictions.parquet")
+    dev = split[split.split != "test"]
+    assert sorted(oof.image_id) == sorted(dev.image_id)  # every image once
+    fold_of = dev.set_index("image_id").fold
+    assert (oof.set_index("image_id").fold == fold_of.loc[oof.image_id]).all()
+    per_fold = pd.read_csv(
+        tmp_path / "data/08_reporting/cross_validation/fold_metrics.csv"
+    )
+    assert per_fold.fold.tolist() == [0, 1, 2] and per_fold.n.sum() == len(dev)
+    summary = json.loads(
+        (tmp_path / "data/08_reporting/cross_validation/summary.json").read_text()
+    )
+    ba = per_fold.balanced_accuracy.to_numpy()
+    assert summary["summary"]["balanced_accuracy"]["mean"] == pytest.approx(ba.mean())
+    assert summary["summary"]["balanced_accuracy"]["sd"] == pytest.approx(
+        ba.std(ddof=1)
+    )
+    assert [m.step for m in history] == [0, 1, 2]
+    assert logged["cv_mlflow_metrics.cv_balanced_accuracy_sd"] == pytest.approx(
+        ba.std(ddof=1)
+    )
+    md = (tmp_path / "data/08_reporting/cross_validation/report.md").read_text()
+    assert "mean ± sd" in md and "inner_validation = `True`" in md
+    for k in (0, 1, 2):  # one model per fold, kept for resuming
+        assert (tmp_path / f"cv/fold_{k}/best.pt").is_file()

@@ -1,0 +1,5 @@
+"""Cross-validation pipeline."""
+
+from .pipeline import create_pipeline
+
+__all__ = ["create_pipeline"]
