@@ -164,6 +164,14 @@ def test_multiscale_head_concatenates_stage_features(sample_images):
     with torch.no_grad():
         assert model.features(x).shape == (3, model.num_features)
         assert model(x).shape == (3, len(CLASSES))
+    spread = create_model(
+        "efficientnet_lite0",
+        head="multiscale",
+        head_kwargs={"stages": [1, 4], "pool": "avgstd", "hidden": 0},
+    ).eval()
+    assert spread.num_features == 2 * (24 + 320) + 1280
+    with torch.no_grad():
+        assert spread.features(x).shape == (3, spread.num_features)
     with pytest.raises(ValueError, match="unknown head"):
         create_model("test_efficientnet", head="nope")
 

@@ -18,6 +18,7 @@ class MultiScaleModel(nn.Module):
     """``backbone`` (timm, built with ``num_classes=0``) + pooled multi-stage features + MLP.
 
     ``stages`` index ``backbone.feature_info`` (as in timm's ``forward_intermediates``);
+    ``pool="avgstd"`` adds the per-channel standard deviation of each stage to its mean;
     ``hidden=0`` gives a linear head. ``forward(x) = head(features(x))``.
     """
 
@@ -28,6 +29,7 @@ class MultiScaleModel(nn.Module):
         stages: Sequence[int] = (2, 3),
         hidden: int = 512,
         dropout: float = 0.3,
+        pool: str = "avg",
     ) -> None:
         super().__init__()
         if not hasattr(backbone, "forward_intermediates"):
@@ -43,10 +45,13 @@ class MultiScaleModel(nn.Module):
             raise ValueError(
                 f"head stages {list(stages)} out of range: the backbone has {n} stages"
             )
+        if pool not in ("avg", "avgstd"):
+            raise ValueError(f"pool must be 'avg' or 'avgstd', got {pool!r}")
+        self.pool = pool
         self.backbone = backbone
-        in_dim = sum(int(info[s]["num_chs"]) for s in self.stages) + int(
-            backbone.num_features
-        )
+        per_stage = 2 if pool == "avgstd" else 1
+        in_dim = per_stage * sum(int(info[s]["num_chs"]) for s in self.stages)
+        in_dim += int(backbone.num_features)
         self.num_features = in_dim
         layers: list[nn.Module] = [nn.BatchNorm1d(in_dim), nn.Dropout(dropout)]
         if hidden and hidden > 0:
@@ -62,7 +67,12 @@ class MultiScaleModel(nn.Module):
             final, inter = self.backbone.forward_intermediates(
                 x, indices=self.stages, intermediates_only=False
             )
-            pooled = [t.float().mean(dim=(2, 3)) for t in inter]
+            pooled = []
+            for feat in inter:
+                f32 = feat.float()
+                pooled.append(f32.mean(dim=(2, 3)))
+                if self.pool == "avgstd":  # colour/texture spread within the picture
+                    pooled.append(f32.std(dim=(2, 3)))
         else:
             final, pooled = self.backbone.forward_features(x), []
         pooled.append(self.backbone.forward_head(final, pre_logits=True).float())

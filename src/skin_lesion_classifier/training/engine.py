@@ -87,6 +87,8 @@ def seed_everything(seed: int, deterministic: bool = False) -> None:
     if torch.cuda.is_available():
         torch.cuda.manual_seed_all(seed)
         torch.backends.cudnn.benchmark = not deterministic
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
     if deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
 
@@ -535,7 +537,7 @@ def train_model(
             model.eval()
             trainable.train()
         t0 = time.perf_counter()
-        total_loss, seen = 0.0, 0
+        loss_sum, seen = torch.zeros((), device=device), 0
         bar = None
         if cfg.progress:
             from tqdm.auto import tqdm
@@ -569,18 +571,23 @@ def train_model(
                     scheduler.step()
                 if ema is not None:
                     ema.update(trainable)
-            if not math.isfinite(loss.item()):
-                raise FloatingPointError(
-                    f"training loss became {loss.item()} at epoch {epoch}, batch {k}; "
-                    "lower lr or enable grad_clip"
-                )
-            total_loss += loss.item() * len(y)
+            # summed on the device: no host sync per step (that would stall a GPU)
+            loss_sum = loss_sum + loss.detach().float() * len(y)
             seen += len(y)
             if bar is not None:
                 bar.update(len(y))
-                bar.set_postfix(loss=f"{total_loss / seen:.4f}", refresh=False)
+                if k % 50 == 0:
+                    bar.set_postfix(loss=f"{loss_sum.item() / seen:.4f}", refresh=False)
         if bar is not None:
             bar.close()
+        total_loss = float(loss_sum.item())
+        if not math.isfinite(total_loss):
+            raise FloatingPointError(
+                f"training loss became {total_loss} in epoch {epoch}; lower lr or enable "
+                "grad_clip"
+            )
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
         train_seconds = time.perf_counter() - t0
         eval_module = ema.module if ema is not None else trainable
         proba = evaluate(
