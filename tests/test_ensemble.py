@@ -310,6 +310,14 @@ def test_ensemble_pipeline_end_to_end(ensemble_run):
     x_meta = MetadataEncoder.from_dict(meta["metadata_encoder"]).transform(test_rows)
     p = predict_proba(model, imgs, meta["mean"], meta["std"], extra_inputs=x_meta)
     np.testing.assert_allclose(p, pred.filter(like="prob_").to_numpy(), atol=1e-4)
+    image_model, image_meta = load_any_model(
+        out / "data/06_models/ensemble/ensemble_image.pt"
+    )
+    assert not image_meta["uses_metadata"]
+    assert [m["name"] for m in image_meta["ensemble"]["members"]] == [
+        "member_1",
+        "member_2",
+    ]
     # evaluated and reported like a single model
     metrics = json.loads(
         (

@@ -230,6 +230,19 @@ def build_ensemble(
     )
 
 
+def build_image_ensemble(
+    weights: Mapping[str, Any], **checkpoints: Mapping[str, Any]
+) -> dict:
+    """The one-file checkpoint of the ``image_only`` ensemble (no metadata needed at
+    prediction time), for services that have only the picture."""
+    if "image_only" not in weights:
+        raise ValueError("ensemble.image_only lists no members")
+    fit = weights["image_only"]
+    return build_ensemble_checkpoint(
+        [(n, checkpoints[n]) for n in fit["names"]], fit["weights"], fit=fit
+    )
+
+
 def _combined(weights: Mapping[str, Any], key: str, frames: Mapping[str, pd.DataFrame]):
     fit = weights[key]
     return ensemble_predictions([frames[n] for n in fit["names"]], fit["weights"])

@@ -32,6 +32,7 @@ from skin_lesion_classifier.pipelines.training import create_pipeline as trainin
 
 from .nodes import (
     build_ensemble,
+    build_image_ensemble,
     combine_test,
     combine_val,
     compare_node,
@@ -187,6 +188,12 @@ def _create_pipeline() -> Pipeline:
             {"weights": "weights", **{n: f"ckpt__{n}" for n in candidates}},
             "model_checkpoint",
             name="build_ensemble",
+        ),
+        Node(
+            build_image_ensemble,
+            {"weights": "weights", **{m: f"ckpt__{m}" for m in MEMBERS}},
+            "image_model_checkpoint",
+            name="build_image_ensemble",
         ),
         Node(
             combine_val,
