@@ -8,6 +8,7 @@ with no network access: ``arch``, ``model_kwargs``, ``classes``, ``input_size`` 
 
 from __future__ import annotations
 
+import importlib
 import os
 import tempfile
 from collections.abc import Mapping
@@ -158,8 +159,17 @@ def read_checkpoint(
     return ckpt
 
 
+#: Project architectures registered with timm by modules outside ``models/``; imported on
+#: demand so that ``load_model`` rebuilds them in any process (CLI, service, pyfunc).
+ARCH_MODULES: dict[str, str] = {
+    "slc_ensemble": "skin_lesion_classifier.evaluation.ensemble"
+}
+
+
 def build_from_meta(meta: Mapping[str, Any]) -> torch.nn.Module:
     """An untrained model of the architecture described by ``meta`` (no network)."""
+    if meta.get("arch") in ARCH_MODULES:
+        importlib.import_module(ARCH_MODULES[meta["arch"]])
     kwargs = dict(meta.get("model_kwargs") or {})
     for key in ("pretrained", "allow_random_init", "num_classes", "input_size"):
         kwargs.pop(key, None)
