@@ -226,9 +226,11 @@ def test_bad_model_references_fail_clearly(tmp_path: Path) -> None:
         load_predictor(bad, backend="onnx")
 
 
-def test_fusion_models_are_refused_with_a_reason(checkpoint: Path) -> None:
+def test_fusion_model_without_its_encoder_is_refused_with_a_reason() -> None:
+    # fusion models are served (tests/test_inference_metadata.py); one whose meta lost
+    # the metadata encoder cannot encode age / sex / site as in training
     model = create_model("test_efficientnet", num_classes=7, input_size=INPUT_SIZE)
-    with pytest.raises(ValueError, match="uses_metadata"):
+    with pytest.raises(ValueError, match="no metadata_encoder"):
         TorchPredictor(model, _meta(uses_metadata=True))
 
 

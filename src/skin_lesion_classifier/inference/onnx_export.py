@@ -1,9 +1,11 @@
 """ONNX export, dynamic int8 quantisation and a PyTorch-vs-ONNX Runtime agreement check.
 
 The exported graph maps a normalised float ``input`` ``(batch, 3, H, W)`` to ``logits``
-``(batch, C)`` with a dynamic batch axis; the checkpoint meta is stored as JSON in the
-file's ``metadata_props`` (key :data:`predictor.ONNX_META_KEY`), so the ``.onnx`` file is
-self-describing and :class:`predictor.OnnxPredictor` needs nothing else.
+``(batch, C)`` with a dynamic batch axis; a model that fuses patient metadata (a fusion
+model, or an ensemble with a fusion member) has a second input ``metadata`` ``(batch, D)``,
+the vector of the checkpoint's ``metadata_encoder``. The checkpoint meta is stored as JSON
+in the file's ``metadata_props`` (key :data:`predictor.ONNX_META_KEY`), so the ``.onnx``
+file is self-describing and :class:`predictor.OnnxPredictor` needs nothing else.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from skin_lesion_classifier.inference.predictor import (
     ONNX_META_KEY,
     OnnxPredictor,
     Predictor,
+    metadata_encoder_of,
 )
 
 logger = logging.getLogger(__name__)
@@ -73,31 +76,41 @@ def export_onnx(
     """Export ``model`` (eval mode, CPU) to a single ``.onnx`` file with a dynamic batch axis.
 
     Uses ``torch.onnx.export`` (the ``torch.export``-based exporter), weights embedded in the
-    file, and stores ``meta`` inside. Returns the path.
+    file, and stores ``meta`` inside. A model with ``meta["uses_metadata"]`` gets a second
+    input ``metadata`` ``(batch, D)`` (``D`` from the meta's ``metadata_encoder``). Returns
+    the path.
     """
-    if meta.get("uses_metadata"):
-        raise ValueError(
-            "ONNX export supports image-only models; this one fuses patient metadata"
-        )
+    enc = metadata_encoder_of(meta, "ONNX export")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     h, w = (int(v) for v in meta["input_size"])
     model = model.to("cpu").eval()
-    dummy = torch.zeros(2, 3, h, w)
     batch = torch.export.Dim("batch", min=1, max=4096)
-    with torch.no_grad():
-        torch.onnx.export(
-            model,
-            (dummy,),
-            str(path),
-            input_names=["input"],
-            output_names=["logits"],
-            dynamic_shapes=({0: batch},),
-            opset_version=opset,
-            external_data=False,
-            dynamo=True,
-            verbose=False,
-        )
+    args: tuple[torch.Tensor, ...] = (torch.zeros(2, 3, h, w),)
+    names = ["input"]
+    if enc is not None:
+        args += (torch.as_tensor(metadata_grid(enc, 2)),)
+        names.append("metadata")
+    try:
+        with torch.no_grad():
+            torch.onnx.export(
+                model,
+                args,
+                str(path),
+                input_names=names,
+                output_names=["logits"],
+                dynamic_shapes=tuple({0: batch} for _ in args),
+                opset_version=opset,
+                external_data=False,
+                dynamo=True,
+                verbose=False,
+            )
+    except Exception as exc:  # the exporter raises many types; name the model
+        raise ValueError(
+            f"ONNX export of {meta.get('arch')} failed ({type(exc).__name__}: "
+            f"{str(exc).splitlines()[0] if str(exc) else ''}); serve the .pt checkpoint "
+            "with the torch backend instead"
+        ) from exc
     set_onnx_meta(path, meta)
     logger.info("Exported ONNX model to %s", path)
     return path
@@ -140,17 +153,40 @@ def quantize_int8(
     return dst
 
 
+def metadata_grid(encoder: Any, n: int) -> np.ndarray:
+    """``(n, D)`` encoded metadata cycling through every sex, every site bucket and ages
+    from blank to 85, so an agreement check exercises every metadata column."""
+    import pandas as pd
+
+    ages = [None, 5.0, 35.0, 50.0, 65.0, 85.0]
+    sexes = list(encoder.sex_categories)
+    sites = list(encoder.sites)
+    rows = pd.DataFrame(
+        {
+            "age": [ages[i % len(ages)] for i in range(n)],
+            "sex": [sexes[i % len(sexes)] for i in range(n)],
+            "localization": [sites[i % len(sites)] for i in range(n)],
+        },
+        dtype=object,
+    )
+    return encoder.transform(rows)
+
+
 def compare_predictors(
-    reference: Predictor, other: Predictor, images: np.ndarray
+    reference: Predictor,
+    other: Predictor,
+    images: np.ndarray,
+    metadata: Any = None,
 ) -> dict[str, float]:
-    """How closely ``other`` reproduces ``reference`` on ``(N, H, W, 3)`` uint8 ``images``.
+    """How closely ``other`` reproduces ``reference`` on ``(N, H, W, 3)`` uint8 ``images``
+    (and, for fusion models, ``metadata``: see :meth:`Predictor.encode_metadata`).
 
     Returns ``max_abs_diff = max |p_ref - p_other|`` over all images and classes,
     ``mean_abs_diff`` (the same, averaged) and ``top1_agreement`` (share of images whose
     arg-max class is the same).
     """
-    p_ref = reference.predict(images)
-    p_other = other.predict(images)
+    p_ref = reference.predict(images, metadata)
+    p_other = other.predict(images, metadata)
     diff = np.abs(p_ref.astype(np.float64) - p_other.astype(np.float64))
     return {
         "n_images": len(images),
@@ -169,22 +205,28 @@ def export_and_verify(
     int8: bool = True,
     tolerance: float = FP32_TOLERANCE,
     opset: int = 18,
+    metadata: Any = None,
 ) -> dict[str, Any]:
     """Export a torch predictor to ONNX (and int8), check agreement on ``images``.
 
-    Raises ``ValueError`` when the fp32 export disagrees with PyTorch by more than
-    ``tolerance`` (max abs probability difference). The int8 model's drift is
+    For a model that fuses metadata the check feeds ``metadata`` (see
+    :meth:`Predictor.encode_metadata`) or, when ``None``, :func:`metadata_grid` (every sex,
+    site and age bucket). Raises ``ValueError`` when the fp32 export disagrees with PyTorch
+    by more than ``tolerance`` (max abs probability difference). The int8 model's drift is
     reported, not bounded. Returns a report dict.
     """
     if predictor.torch_model is None:
         raise ValueError("export needs a PyTorch model (a .pt checkpoint)")
     out_path = Path(out_path)
+    if predictor.metadata_encoder is not None and metadata is None:
+        metadata = metadata_grid(predictor.metadata_encoder, len(images))
     export_onnx(predictor.torch_model, predictor.meta, out_path, opset=opset)
     fp32 = OnnxPredictor(out_path)
     report: dict[str, Any] = {
         "onnx_path": str(out_path),
         "tolerance": tolerance,
-        "fp32": compare_predictors(predictor, fp32, images),
+        "inputs": [i.name for i in fp32.session.get_inputs()],
+        "fp32": compare_predictors(predictor, fp32, images, metadata),
     }
     if report["fp32"]["max_abs_diff"] > tolerance:
         raise ValueError(
@@ -195,7 +237,9 @@ def export_and_verify(
         q_path = out_path.with_name(out_path.stem + ".int8.onnx")
         quantize_int8(out_path, q_path)
         report["int8_path"] = str(q_path)
-        report["int8"] = compare_predictors(predictor, OnnxPredictor(q_path), images)
+        report["int8"] = compare_predictors(
+            predictor, OnnxPredictor(q_path), images, metadata
+        )
         report["int8_recommended"] = bool(
             report["int8"]["max_abs_diff"] <= INT8_MAX_DRIFT
             and report["int8"]["top1_agreement"] >= INT8_MIN_TOP1

@@ -4,6 +4,15 @@ Both turn a picture into model input exactly as training does (:func:`data.image
 :func:`data.images.resize_rgb` to ``meta["input_size"]``, :func:`data.transforms.to_float_nchw`
 with ``meta["mean"]``/``meta["std"]``) and return softmax probabilities in ``meta["classes"]``
 order.
+
+Models that fuse patient metadata (``meta["uses_metadata"]``; single fusion models and
+ensembles with a fusion member) are fed the vector of the checkpoint's own
+``metadata_encoder`` (:class:`data.metadata_features.MetadataEncoder`): ``predict(images,
+metadata)`` takes the patients' ``age, sex, localization`` (a data frame, one mapping for
+every image, or an already encoded array); any of them may be missing, and no metadata at
+all means every field unknown, which the encoder represents explicitly (``age_missing``,
+``sex_unknown``, ``site_unknown``). Image-only models ignore metadata
+(:attr:`Predictor.uses_metadata` tells callers, who say so).
 """
 
 from __future__ import annotations
@@ -16,10 +25,17 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import torch
 
 from skin_lesion_classifier.constants import CLASSES
 from skin_lesion_classifier.data.images import load_rgb, resize_rgb
+from skin_lesion_classifier.data.metadata_features import (
+    METADATA_COLUMNS,
+    OTHER_SITE,
+    UNKNOWN_SITE,
+    MetadataEncoder,
+)
 from skin_lesion_classifier.data.transforms import to_float_nchw
 from skin_lesion_classifier.inference.decision import Decision, decision_from_meta
 from skin_lesion_classifier.inference.predict import predict_proba
@@ -51,6 +67,62 @@ def check_meta(meta: Mapping[str, Any], source: str) -> dict[str, Any]:
     return meta
 
 
+def metadata_encoder_of(meta: Mapping[str, Any], source: str) -> MetadataEncoder | None:
+    """The metadata encoder of a fusion model's meta (``None`` for an image-only model);
+    raises naming ``source`` when a fusion model's meta lacks a usable encoder."""
+    if not meta.get("uses_metadata"):
+        return None
+    data = meta.get("metadata_encoder")
+    if not data:
+        raise ValueError(
+            f"{source}: this model fuses patient metadata (uses_metadata=True) but its meta "
+            "has no metadata_encoder, so age / sex / site cannot be encoded as in training; "
+            "save the checkpoint with the encoder fitted on its training rows"
+        )
+    try:
+        enc = MetadataEncoder.from_dict(data)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{source}: {exc}") from exc
+    dim = (meta.get("model_kwargs") or {}).get("metadata_dim")
+    if dim is not None and int(dim) != enc.dim:
+        raise ValueError(
+            f"{source}: the metadata encoder gives {enc.dim} features but the model takes "
+            f"metadata_dim={dim}"
+        )
+    return enc
+
+
+def unknown_metadata(n: int) -> pd.DataFrame:
+    """``n`` rows of ``age, sex, localization`` all unknown (blank)."""
+    return pd.DataFrame({c: [None] * n for c in METADATA_COLUMNS}, dtype=object)
+
+
+def ensemble_info(meta: Mapping[str, Any]) -> dict[str, Any] | None:
+    """Members and weights of an ensemble checkpoint's meta (``None`` for a single model):
+    ``{"members": [{name, arch, weight, input_size, uses_metadata, kept}], "objective"}``."""
+    mk = meta.get("model_kwargs") or {}
+    listed = (meta.get("ensemble") or {}).get("members")
+    if listed is None and not mk.get("members"):
+        return None
+    if listed is None:
+        listed = [
+            {
+                "name": m.get("name", f"member_{i}"),
+                "arch": m.get("arch"),
+                "weight": float(m.get("weight", 0.0)),
+                "input_size": list(m.get("input_size", [])),
+                "uses_metadata": bool(m.get("uses_metadata", False)),
+                "kept": True,
+            }
+            for i, m in enumerate(mk["members"])
+        ]
+    fit = (meta.get("ensemble") or {}).get("weights_fit") or {}
+    return {
+        "members": [dict(m) for m in listed],
+        "objective": fit.get("objective"),
+    }
+
+
 def file_digest(path: str | os.PathLike, length: int = 12) -> str:
     """The first ``length`` hex digits of the file's sha256, a content-based version tag."""
     h = hashlib.sha256()
@@ -79,6 +151,9 @@ class Predictor:
         self.version = version or Path(source).name
         self.decision: Decision = decision_from_meta(self.meta)
         self.torch_model: torch.nn.Module | None = None
+        self.metadata_encoder: MetadataEncoder | None = metadata_encoder_of(
+            self.meta, source
+        )
 
     @property
     def classes(self) -> list[str]:
@@ -103,14 +178,113 @@ class Predictor:
         """
         return resize_rgb(load_rgb(source, name=name), self.input_size)
 
-    def predict(self, images: np.ndarray) -> np.ndarray:
+    @property
+    def uses_metadata(self) -> bool:
+        """Whether the model fuses patient metadata (age, sex, localization)."""
+        return self.metadata_encoder is not None
+
+    def encode_metadata(self, metadata: Any, n: int) -> np.ndarray | None:
+        """The model's metadata input ``(n, D)`` float32, ``None`` for an image-only model.
+
+        ``metadata`` is ``None`` (every field unknown), a mapping with any of ``age``,
+        ``sex``, ``localization`` (one patient, used for all ``n`` images), a data frame of
+        ``n`` rows with those columns, or an already encoded ``(n, D)`` array. Blank /
+        ``None`` values are unknown; impossible values raise ``ValueError`` naming them.
+        """
+        enc = self.metadata_encoder
+        if enc is None:
+            return None
+        if metadata is None:
+            return enc.transform(unknown_metadata(n))
+        if isinstance(metadata, Mapping):
+            extra = sorted(set(metadata) - set(METADATA_COLUMNS))
+            if extra:
+                raise ValueError(
+                    f"unknown metadata field(s) {extra}; expected {list(METADATA_COLUMNS)}"
+                )
+            row = {c: metadata.get(c) for c in METADATA_COLUMNS}
+            return enc.transform(pd.DataFrame([row] * n, dtype=object))
+        if isinstance(metadata, pd.DataFrame):
+            if len(metadata) != n:
+                raise ValueError(f"{n} images but {len(metadata)} metadata rows")
+            return enc.transform(metadata)
+        x = np.asarray(metadata, dtype=np.float32)
+        if x.shape != (n, enc.dim):
+            raise ValueError(
+                f"encoded metadata must have shape ({n}, {enc.dim}), got {x.shape}"
+            )
+        return x
+
+    def describe_metadata(self, metadata: Mapping[str, Any] | None) -> dict[str, Any]:
+        """How one patient's metadata is read by this model: the cleaned values, which
+        fields count as unknown, the site bucket the encoder uses and a note."""
+        from skin_lesion_classifier.data.metadata_features import (
+            parse_age,
+            parse_sex,
+            parse_site,
+        )
+
+        frame = pd.DataFrame(
+            [{c: (metadata or {}).get(c) for c in METADATA_COLUMNS}], dtype=object
+        )
+        age = float(parse_age(frame)[0])
+        sex = str(parse_sex(frame)[0])
+        site = str(parse_site(frame)[0])
+        unknown = [
+            name
+            for name, missing in (
+                ("age", not np.isfinite(age)),
+                ("sex", sex == "unknown"),
+                ("localization", site == UNKNOWN_SITE),
+            )
+            if missing
+        ]
+        out: dict[str, Any] = {
+            "used": self.uses_metadata,
+            "age": age if np.isfinite(age) else None,
+            "sex": sex,
+            "localization": None if site == UNKNOWN_SITE else site,
+            "localization_bucket": None,
+            "unknown": unknown,
+        }
+        if self.metadata_encoder is None:
+            given = [c for c in METADATA_COLUMNS if c not in unknown]
+            out["note"] = "this model is image-only: patient metadata is not used" + (
+                f" ({', '.join(given)} ignored)" if given else ""
+            )
+            return out
+        bucket = str(self.metadata_encoder.site_bucket([site])[0])
+        out["localization_bucket"] = bucket
+        notes = []
+        if unknown:
+            notes.append(f"{', '.join(unknown)} unknown to the model")
+        if bucket == OTHER_SITE:
+            notes.append(
+                f"localization {site!r} was rare or unseen in training: encoded as 'other'"
+            )
+        out["note"] = "; ".join(notes) or "all patient fields used"
+        return out
+
+    def predict(self, images: np.ndarray, metadata: Any = None) -> np.ndarray:
+        """Probabilities ``(N, C)`` for ``(N, H, W, 3)`` uint8 images at the model size;
+        ``metadata`` as in :meth:`encode_metadata` (ignored by image-only models)."""
+        extra = self.encode_metadata(metadata, len(images))
+        if len(images) == 0:
+            return np.zeros((0, len(self.classes)), dtype=np.float32)
+        return self._predict(images, extra)
+
+    def _predict(self, images: np.ndarray, extra: np.ndarray | None) -> np.ndarray:
         raise NotImplementedError
 
     def predict_one(
-        self, source: str | os.PathLike | bytes, name: str | None = None
+        self,
+        source: str | os.PathLike | bytes,
+        name: str | None = None,
+        metadata: Mapping[str, Any] | None = None,
     ) -> np.ndarray:
-        """Probabilities ``(C,)`` for one picture (path or bytes)."""
-        return self.predict(self.prepare(source, name)[None])[0]
+        """Probabilities ``(C,)`` for one picture (path or bytes) and, for a fusion model,
+        its patient's ``age`` / ``sex`` / ``localization`` (any may be missing)."""
+        return self.predict(self.prepare(source, name)[None], metadata)[0]
 
     def describe(self) -> dict[str, Any]:
         """What the model is: for ``GET /model`` and logs."""
@@ -124,19 +298,22 @@ class Predictor:
             "input_size": list(self.input_size),
             "mean": list(m["mean"]),
             "std": list(m["std"]),
-            "uses_metadata": bool(m.get("uses_metadata", False)),
+            "uses_metadata": self.uses_metadata,
+            "metadata_fields": list(METADATA_COLUMNS) if self.uses_metadata else [],
+            "metadata_sites": (
+                [
+                    s
+                    for s in self.metadata_encoder.sites
+                    if s not in (UNKNOWN_SITE, OTHER_SITE)
+                ]
+                if self.metadata_encoder is not None
+                else []
+            ),
+            "ensemble": ensemble_info(m),
             "decision": self.decision.as_dict(),
             "metrics": m.get("metrics") or {},
             "explainable": self.torch_model is not None,
         }
-
-
-def _check_no_metadata(meta: Mapping[str, Any], source: str) -> None:
-    if meta.get("uses_metadata"):
-        raise ValueError(
-            f"{source}: this model fuses patient metadata (uses_metadata=True); the image-only "
-            "predictor cannot feed it. Serve an image-only model."
-        )
 
 
 class TorchPredictor(Predictor):
@@ -155,15 +332,12 @@ class TorchPredictor(Predictor):
         tta: bool | Sequence[str] | None = False,
     ):
         super().__init__(meta, source, version)
-        _check_no_metadata(self.meta, source)
         self.device = torch.device(device)
         self.torch_model = model.to(self.device).eval()
         self.batch_size = int(batch_size)
         self.tta = tta
 
-    def predict(self, images: np.ndarray) -> np.ndarray:
-        if len(images) == 0:
-            return np.zeros((0, len(self.classes)), dtype=np.float32)
+    def _predict(self, images: np.ndarray, extra: np.ndarray | None) -> np.ndarray:
         return predict_proba(
             self.torch_model,
             images,
@@ -172,6 +346,7 @@ class TorchPredictor(Predictor):
             device=self.device,
             batch_size=self.batch_size,
             tta=self.tta,
+            extra_inputs=extra,
         )
 
     @classmethod
@@ -203,7 +378,8 @@ class OnnxPredictor(Predictor):
     """An ONNX Runtime CPU session over a model exported by :func:`inference.onnx.export_onnx`.
 
     The checkpoint meta travels inside the ``.onnx`` file (``metadata_props``), so the file
-    alone is enough to serve. ``torch_model`` may be attached to enable Grad-CAM.
+    alone is enough to serve. A fusion model's graph has a second input ``metadata``
+    ``(batch, D)``. ``torch_model`` may be attached to enable Grad-CAM.
     """
 
     backend = "onnx"
@@ -238,14 +414,32 @@ class OnnxPredictor(Predictor):
         super().__init__(
             meta, str(path), version or f"{path.name}@sha256:{file_digest(path)}"
         )
-        _check_no_metadata(self.meta, str(path))
-        self.input_name = self.session.get_inputs()[0].name
+        inputs = [i.name for i in self.session.get_inputs()]
+        self.input_name = inputs[0]
+        self.metadata_input: str | None = None
+        if self.uses_metadata:
+            if len(inputs) != 2:
+                raise ValueError(
+                    f"{path}: the model fuses patient metadata but the ONNX graph has "
+                    f"inputs {inputs}, not (images, metadata); re-export it with "
+                    "`skin-lesion-classifier export-onnx`"
+                )
+            self.metadata_input = inputs[1]
+        elif len(inputs) != 1:
+            raise ValueError(
+                f"{path}: an image-only model's graph should have one input, got {inputs}"
+            )
         self.batch_size = int(batch_size)
 
-    def logits(self, x: np.ndarray) -> np.ndarray:
-        return self.session.run(None, {self.input_name: x})[0]
+    def logits(self, x: np.ndarray, metadata: np.ndarray | None = None) -> np.ndarray:
+        feed = {self.input_name: x}
+        if self.metadata_input is not None:
+            if metadata is None:
+                raise ValueError("this ONNX model needs its metadata input")
+            feed[self.metadata_input] = np.asarray(metadata, dtype=np.float32)
+        return self.session.run(None, feed)[0]
 
-    def predict(self, images: np.ndarray) -> np.ndarray:
+    def _predict(self, images: np.ndarray, extra: np.ndarray | None) -> np.ndarray:
         out = []
         for start in range(0, len(images), self.batch_size):
             x = to_float_nchw(
@@ -253,9 +447,8 @@ class OnnxPredictor(Predictor):
                 self.meta["mean"],
                 self.meta["std"],
             )
-            out.append(softmax(self.logits(x.numpy())))
-        if not out:
-            return np.zeros((0, len(self.classes)), dtype=np.float32)
+            m = None if extra is None else extra[start : start + self.batch_size]
+            out.append(softmax(self.logits(x.numpy(), m)))
         return np.concatenate(out)
 
 
