@@ -3,6 +3,8 @@
 Examples::
 
     skin-lesion-classifier predict ../shared/data/ham10000-samples/images --output predictions.csv
+    skin-lesion-classifier predict <folder> --model data/06_models/ensemble/ensemble.pt \
+        --metadata ../shared/data/ham10000/HAM10000_metadata.csv
     skin-lesion-classifier serve --model data/06_models/model.pt           # http://127.0.0.1:8000
     skin-lesion-classifier export-onnx --model data/06_models/model.pt --output data/06_models/model.onnx
     skin-lesion-classifier bench-inference --arch tf_efficientnet_lite0 --input-size 192 256
@@ -95,6 +97,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--recursive", action="store_true", help="descend into sub-folders")
     p.add_argument(
         "--tta", action="store_true", help="average flips / rotations (torch backend)"
+    )
+    p.add_argument(
+        "--metadata",
+        default=None,
+        help="patient metadata CSV (image_id or image, age, sex, localization) for models "
+        "that fuse metadata; pictures without a row are predicted with every field unknown",
     )
 
     p = sub.add_parser("serve", help="run the HTTP service (FastAPI + uvicorn)")
@@ -203,16 +211,23 @@ def build_parser() -> argparse.ArgumentParser:
 def cmd_predict(args: argparse.Namespace) -> int:
     from skin_lesion_classifier.api.model_source import open_predictor
     from skin_lesion_classifier.device import detect_device
-    from skin_lesion_classifier.inference.batch import collect_inputs, predict_files
+    from skin_lesion_classifier.inference.batch import (
+        collect_inputs,
+        predict_files,
+        read_metadata_csv,
+    )
 
     inputs: Any = args.inputs[0] if len(args.inputs) == 1 else args.inputs
     paths = collect_inputs(inputs, recursive=args.recursive)
+    metadata = read_metadata_csv(args.metadata) if args.metadata else None
     predictor = open_predictor(
         args.model, backend=args.backend, device=detect_device(args.device), tracking_uri=args.tracking_uri,
         decision_file=args.decision,
         batch_size=args.batch_size, **({"tta": True} if args.tta else {}),
     )  # fmt: skip
-    predictions, errors = predict_files(predictor, paths, batch_size=args.batch_size)
+    predictions, errors = predict_files(
+        predictor, paths, batch_size=args.batch_size, metadata=metadata
+    )
     out = Path(args.output)
     err = Path(args.errors) if args.errors else out.with_name(out.stem + "_errors.csv")
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -226,7 +241,30 @@ def cmd_predict(args: argparse.Namespace) -> int:
     _echo(f"unreadable {len(errors)} file(s) -> {err}")
     for row in errors.itertuples():
         _echo(f"  {row.reason}")
+    _echo(_metadata_summary(predictor, predictions, args.metadata))
     return 0
+
+
+def _metadata_summary(predictor: Any, predictions: Any, source: str | None) -> str:
+    """One line on how patient metadata was used in a batch prediction."""
+    members = (predictor.describe().get("ensemble") or {}).get("members")
+    what = (
+        f"ensemble of {sum(1 for m in members if m.get('kept', True))} model(s)"
+        if members
+        else "model"
+    )
+    if not predictor.uses_metadata:
+        return f"metadata: the {what} is image-only" + (
+            f"; {source} was not used" if source else ""
+        )
+    counts = predictions["metadata"].value_counts()
+    line = (
+        f"metadata: the {what} fuses age, sex and site; "
+        f"{counts.get('provided', 0)} image(s) with every field, "
+        f"{counts.get('partial', 0)} with some unknown, "
+        f"{counts.get('missing', 0)} without a row (all unknown; column 'metadata' = missing)"
+    )
+    return line if source else line + "; give --metadata CSV to use patients' data"
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -298,7 +336,7 @@ def cmd_export_onnx(args: argparse.Namespace) -> int:
         predictor, output, images, int8=not args.no_int8,
         tolerance=args.tolerance if args.tolerance is not None else FP32_TOLERANCE, opset=args.opset,
     )  # fmt: skip
-    _echo(f"exported {report['onnx_path']}")
+    _echo(f"exported {report['onnx_path']} (inputs: {', '.join(report['inputs'])})")
     f = report["fp32"]
     _echo(
         f"fp32 ONNX Runtime vs PyTorch on {f['n_images']} pictures: max |dp| = {f['max_abs_diff']:.3g} "

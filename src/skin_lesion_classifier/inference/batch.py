@@ -5,6 +5,13 @@ order) followed by ``predicted_class`` (arg-max, project class code) and ``melan
 (the validated threshold rule, see :mod:`inference.decision`). Every file that cannot be
 decoded becomes one ``image, reason`` row of the errors table; the others are still
 predicted.
+
+A model that fuses patient metadata takes it from an optional metadata CSV
+(:func:`read_metadata_csv`: ``image_id`` or ``image``, ``age``, ``sex``, ``localization``;
+HAM10000's metadata CSV works as is), matched to the pictures by file stem. Its table gets
+two more columns: ``metadata`` (``provided``: a row with every field known; ``partial``: a
+row with some fields blank / unknown; ``missing``: no row, so age, sex and site were all
+unknown to the model) and ``metadata_unknown`` (the unknown fields, ``;``-separated).
 """
 
 from __future__ import annotations
@@ -19,6 +26,13 @@ import pandas as pd
 
 from skin_lesion_classifier.constants import CLASSES, ISIC_COLUMNS
 from skin_lesion_classifier.data.images import ImageDecodeError
+from skin_lesion_classifier.data.metadata_features import (
+    METADATA_COLUMNS,
+    UNKNOWN_SITE,
+    parse_age,
+    parse_sex,
+    parse_site,
+)
 from skin_lesion_classifier.inference.decision import Decision
 from skin_lesion_classifier.inference.predictor import Predictor
 
@@ -31,6 +45,97 @@ ISIC_CSV_COLUMNS: tuple[str, ...] = (
     "melanoma_flag",
 )
 ERROR_COLUMNS: tuple[str, ...] = ("image", "reason")
+#: Columns added to the ISIC table when the model fuses patient metadata.
+METADATA_STATUS_COLUMNS: tuple[str, ...] = ("metadata", "metadata_unknown")
+#: Key columns accepted in a metadata CSV, in order of preference.
+METADATA_KEYS: tuple[str, ...] = ("image_id", "image")
+_IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif")
+
+
+def _key(value: object) -> str:
+    """An image id from a metadata key or file name: ``ISIC_1.jpg`` / ``a/ISIC_1`` ->
+    ``ISIC_1``."""
+    name = Path(str(value).strip()).name
+    suffix = Path(name).suffix.lower()
+    return name[: -len(suffix)] if suffix in _IMAGE_SUFFIXES else name
+
+
+def read_metadata_csv(path: str | os.PathLike) -> pd.DataFrame:
+    """A patient-metadata CSV as ``image_id, age, sex, localization`` (one row per image).
+
+    The key column is ``image_id`` or ``image`` (an id or a file name; matched to the
+    pictures' file stems); ``age``, ``sex`` and ``localization`` must all be there (leave a
+    column blank when unknown), other columns are ignored. Raises ``ValueError`` naming a
+    missing column or an image listed twice with different values.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"metadata CSV not found: {path}")
+    try:
+        frame = pd.read_csv(path, dtype={"sex": "object", "localization": "object"})
+    except (pd.errors.ParserError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{path}: not a readable CSV ({exc})") from exc
+    key = next((k for k in METADATA_KEYS if k in frame.columns), None)
+    missing = [c for c in METADATA_COLUMNS if c not in frame.columns]
+    if key is None or missing:
+        need = ([" or ".join(METADATA_KEYS)] if key is None else []) + missing
+        raise ValueError(
+            f"{path}: metadata CSV lacks column(s) {need}; found {list(frame.columns)}. "
+            "It needs image_id (or image), age, sex, localization; leave a value blank "
+            "when it is unknown"
+        )
+    out = frame[[key, *METADATA_COLUMNS]].rename(columns={key: "image_id"})
+    out["image_id"] = out["image_id"].map(_key)
+    out = out.drop_duplicates()
+    dup = out["image_id"].duplicated(keep=False)
+    if dup.any():
+        raise ValueError(
+            f"{path}: images listed more than once with different metadata: "
+            f"{sorted(set(out.loc[dup, 'image_id']))[:5]}"
+        )
+    return out.reset_index(drop=True)
+
+
+def metadata_for(
+    paths: Sequence[Path], metadata: pd.DataFrame | None
+) -> tuple[pd.DataFrame, list[str], list[str]]:
+    """The metadata rows of ``paths`` (matched by file stem; all blank where there is no
+    row), each row's status (``provided`` / ``partial`` / ``missing``) and its unknown fields
+    (``;``-separated)."""
+    n = len(paths)
+    if metadata is None:
+        rows = pd.DataFrame({c: [None] * n for c in METADATA_COLUMNS}, dtype=object)
+        found = np.zeros(n, dtype=bool)
+    else:
+        table = metadata.set_index("image_id")
+        keys = [_key(p) for p in paths]
+        found = np.array([k in table.index for k in keys], dtype=bool)
+        rows = (
+            table.reindex(keys)[list(METADATA_COLUMNS)]
+            .astype(object)
+            .reset_index(drop=True)
+        )
+        rows = rows.where(rows.notna(), None)
+    rows.insert(0, "image_id", [str(p) for p in paths])
+    age_unknown = ~np.isfinite(parse_age(rows))
+    sex_unknown = parse_sex(rows) == "unknown"
+    site_unknown = parse_site(rows) == UNKNOWN_SITE
+    status, unknown = [], []
+    for i in range(n):
+        fields = [
+            name
+            for name, flag in (
+                ("age", age_unknown[i]),
+                ("sex", sex_unknown[i]),
+                ("localization", site_unknown[i]),
+            )
+            if flag
+        ]
+        status.append(
+            "missing" if not found[i] else ("partial" if fields else "provided")
+        )
+        unknown.append(";".join(fields))
+    return rows, status, unknown
 
 
 def collect_inputs(
@@ -96,32 +201,51 @@ def isic_frame(
 
 
 def predict_files(
-    predictor: Predictor, paths: Sequence[str | os.PathLike], batch_size: int = 32
+    predictor: Predictor,
+    paths: Sequence[str | os.PathLike],
+    batch_size: int = 32,
+    metadata: pd.DataFrame | None = None,
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Predict ``paths`` in batches of ``batch_size`` decoded pictures.
+
+    ``metadata`` (from :func:`read_metadata_csv`) feeds a model that fuses patient
+    metadata; pictures without a row are predicted with every field unknown and the
+    ``metadata`` column says so. An image-only model ignores it (a warning is logged).
 
     Returns ``(predictions, errors)``: the ISIC table for the readable pictures (input
     order) and ``image, reason`` rows for the others. Memory stays bounded by the batch.
     """
     paths = [Path(p) for p in paths]
     ids = image_ids(paths)
-    done_ids: list[str] = []
+    uses_metadata = predictor.uses_metadata
+    if metadata is not None and not uses_metadata:
+        logger.warning(
+            "the model is image-only: the %d metadata row(s) given are not used",
+            len(metadata),
+        )
+    rows, status, unknown = metadata_for(paths, metadata if uses_metadata else None)
+    if uses_metadata:  # fail on impossible values before any picture is decoded
+        predictor.encode_metadata(rows, len(rows))
+    done: list[int] = []
     probs: list[np.ndarray] = []
     errors: list[dict[str, str]] = []
     batch: list[np.ndarray] = []
-    batch_ids: list[str] = []
+    batch_index: list[int] = []
 
     def flush() -> None:
         if batch:
-            probs.append(predictor.predict(np.stack(batch)))
-            done_ids.extend(batch_ids)
+            meta_rows = (
+                rows.iloc[batch_index].reset_index(drop=True) if uses_metadata else None
+            )
+            probs.append(predictor.predict(np.stack(batch), meta_rows))
+            done.extend(batch_index)
             batch.clear()
-            batch_ids.clear()
+            batch_index.clear()
 
-    for path, image_id in zip(paths, ids, strict=True):
+    for i, path in enumerate(paths):
         try:
             batch.append(predictor.prepare(path, name=path.name))
-            batch_ids.append(image_id)
+            batch_index.append(i)
         except ImageDecodeError as exc:
             logger.warning("Skipping unreadable image: %s", exc)
             errors.append({"image": str(path), "reason": str(exc)})
@@ -133,7 +257,10 @@ def predict_files(
         if probs
         else np.zeros((0, len(predictor.classes)), dtype=np.float32)
     )
-    predictions = isic_frame(done_ids, p, predictor.decision)
+    predictions = isic_frame([ids[i] for i in done], p, predictor.decision)
+    if uses_metadata:
+        predictions["metadata"] = [status[i] for i in done]
+        predictions["metadata_unknown"] = [unknown[i] for i in done]
     error_frame = pd.DataFrame(errors, columns=list(ERROR_COLUMNS))
     logger.info(
         "Predicted %d images, %d unreadable", len(predictions), len(error_frame)

@@ -9,7 +9,11 @@ import pandas as pd
 
 from skin_lesion_classifier.api.model_source import open_predictor
 from skin_lesion_classifier.device import detect_device
-from skin_lesion_classifier.inference.batch import collect_inputs, predict_files
+from skin_lesion_classifier.inference.batch import (
+    collect_inputs,
+    predict_files,
+    read_metadata_csv,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -28,12 +32,17 @@ def list_inputs(params: dict[str, Any]) -> list[str]:
 def predict_images(
     paths: list[str], params: dict[str, Any]
 ) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
-    """Load the model (``params["model"]``: ``.pt``, ``.onnx``, ``runs:/`` or ``models:/``)
-    once and predict ``paths``.
+    """Load the model (``params["model"]``: ``.pt``, ``.onnx``, ``runs:/`` or ``models:/``;
+    a single model or an ensemble) once and predict ``paths``.
+
+    ``params["metadata"]`` (optional) is a patient-metadata CSV (``image_id`` or ``image``,
+    ``age``, ``sex``, ``localization``) for models that fuse metadata.
 
     Returns the ISIC table (``image, MEL, NV, BCC, AKIEC, BKL, DF, VASC, predicted_class,
-    melanoma_flag``), the errors table (``image, reason``) and MLflow metrics counting both.
+    melanoma_flag``, plus ``metadata, metadata_unknown`` for a fusion model), the errors
+    table (``image, reason``) and MLflow metrics counting both.
     """
+    metadata = read_metadata_csv(params["metadata"]) if params.get("metadata") else None
     predictor = open_predictor(
         params["model"],
         backend=params.get("backend", "auto"),
@@ -49,7 +58,10 @@ def predict_images(
         predictor.backend,
     )
     predictions, errors = predict_files(
-        predictor, paths, batch_size=int(params.get("batch_size", 32))
+        predictor,
+        paths,
+        batch_size=int(params.get("batch_size", 32)),
+        metadata=metadata,
     )
     metrics = {
         "inference_images_predicted": {"value": float(len(predictions)), "step": 0},
@@ -59,4 +71,15 @@ def predict_images(
             "step": 0,
         },
     }
+    if predictor.uses_metadata:
+        metrics["inference_images_without_metadata"] = {
+            "value": float((predictions["metadata"] == "missing").sum()),
+            "step": 0,
+        }
+    elif metadata is not None:
+        logger.warning(
+            "%s is image-only: the metadata CSV %s was not used",
+            predictor.version,
+            params["metadata"],
+        )
     return predictions, errors, metrics
