@@ -15,6 +15,7 @@ import pandas as pd
 
 from skin_lesion_classifier.constants import CLASSES
 from skin_lesion_classifier.data.images import load_resized
+from skin_lesion_classifier.data.metadata_features import metadata_inputs
 from skin_lesion_classifier.device import detect_device
 from skin_lesion_classifier.evaluation.decision import (
     DecisionRule,
@@ -82,24 +83,27 @@ def predict_split(
     images: Any,
     params: Mapping[str, Any],
     split: str,
+    image_index: pd.DataFrame | None = None,
 ) -> pd.DataFrame:
     """Class probabilities of every image of ``split`` (the ``predictions`` contract).
 
     ``images`` is the uint8 image cache at the model's ``meta["input_size"]`` or the
     ``image_index`` (pictures decoded from ``path`` and resized with the shared resize, so
     any checkpoint works whatever the resolution of the originals); ``params["tta"]``
-    averages flips / rotations.
+    averages flips / rotations. The checkpoint may be a single model, a metadata-fusion
+    model or an ensemble: a model that fuses metadata gets each row's encoded ``age, sex,
+    localization`` (its own ``metadata_encoder``; blank age and unknown sex / site are
+    encoded as such), taken from the split rows when they carry those columns, else joined
+    by ``image_id`` from ``image_index`` (or from ``images`` when that is the index).
     """
     device = detect_device(params.get("device", "auto"))
     model, meta = load_model(_checkpoint_source(model_checkpoint), device)
-    if meta.get("uses_metadata"):
-        raise ValueError(
-            "this checkpoint fuses patient metadata (uses_metadata=True); the evaluation "
-            "pipeline predicts image-only models"
-        )
     if list(meta["classes"]) != list(CLASSES):
         raise ValueError(f"model classes {meta['classes']} differ from {list(CLASSES)}")
     rows = _split_rows(split_assignment, split)
+    if image_index is None and isinstance(images, pd.DataFrame):
+        image_index = images
+    extra = metadata_inputs(meta, rows, image_index)
     x = _load_images(images, rows["image_id"], tuple(meta["input_size"]))
     prob = predict_proba(
         model,
@@ -109,8 +113,15 @@ def predict_split(
         device,
         batch_size=int(params.get("batch_size", 64)),
         tta=params.get("tta", False),
+        extra_inputs=extra,
     )
-    logger.info("predicted %d %s images (tta=%s)", len(rows), split, params.get("tta"))
+    logger.info(
+        "predicted %d %s images (tta=%s, metadata=%s)",
+        len(rows),
+        split,
+        params.get("tta"),
+        extra is not None,
+    )
     return predictions_frame(rows, prob)
 
 
