@@ -81,8 +81,13 @@ def test_upload_page_shows_probabilities_and_overlay(
                 "document.getElementById('model-info').textContent.includes('test_efficientnet')"
             )
             page.set_input_files("#file-input", str(sample))
+            # the optional patient fields: this model is image-only, and says so
+            assert "image-only" in page.locator("#metadata-hint").inner_text()
+            page.fill("#age-input", "45")
+            page.select_option("#sex-input", "female")
             page.click("#submit-button")
             page.wait_for_selector("#status:text('Done.')", timeout=60_000)
+            assert "(age, sex ignored)" in page.locator("#metadata-note").inner_text()
 
             rows = page.locator("#probabilities tbody tr")
             assert rows.count() == 7

@@ -5,15 +5,25 @@ Run it with ``uvicorn skin_lesion_classifier.api.app:create_app --factory`` or
 ``SLC_MODEL`` (a ``.pt`` checkpoint, an ``.onnx`` export, ``runs:/<id>/model`` or
 ``models:/<name>/<version>``); see :class:`ServiceSettings` for every knob.
 
+``/predict`` and ``/explain`` take the picture (multipart field ``file``) and, optionally,
+the patient's ``age`` (years, 0-120), ``sex`` (``male``/``female``/``unknown``) and
+``localization`` (free text; sites unseen in training fall into the encoder's ``other``
+bucket) as form fields. A model that fuses metadata (a fusion model, or an ensemble with a
+fusion member) uses them, any left out counting as unknown; an image-only model ignores
+them, and every answer says which (``metadata`` in the JSON, ``X-Metadata`` on
+``/explain``). ``GET /model`` says whether the model uses metadata, which fields it accepts
+and, for an ensemble, its members and weights.
+
 Every error is JSON ``{"error": <short code>, "detail": <what went wrong>}`` with a 4xx
 status for bad input (400 empty upload, 413 too large, 415 wrong content type, 422 not a
-decodable image or a malformed request) and 501 for ``/explain`` when only an ONNX model
-is loaded.
+decodable image, invalid patient metadata (``error: invalid_metadata``, plus ``field``) or
+a malformed request) and 501 for ``/explain`` when only an ONNX model is loaded.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import os
 import threading
 from contextlib import asynccontextmanager
@@ -22,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from fastapi import FastAPI, File, Query, Request, UploadFile
+from fastapi import FastAPI, File, Form, Query, Request, UploadFile
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
@@ -42,6 +52,12 @@ DEFAULT_MAX_UPLOAD_BYTES = 10 * 1024 * 1024
 ACCEPTED_NON_IMAGE_TYPES = ("application/octet-stream",)
 #: Room left for multipart boundaries and headers on top of the picture size limit.
 MULTIPART_SLACK = 64 * 1024
+#: Accepted patient ages (years).
+AGE_RANGE = (0.0, 120.0)
+#: Accepted values of the ``sex`` form field (blank = unknown).
+SEX_VALUES = ("male", "female", "unknown")
+#: Longest accepted ``localization`` text.
+MAX_LOCALIZATION_CHARS = 64
 
 
 @dataclass
@@ -108,6 +124,39 @@ class DecisionInfo(BaseModel):
     )
 
 
+class MetadataInfo(BaseModel):
+    used: bool = Field(description="whether the model uses patient metadata at all")
+    age: float | None = Field(description="age in years as read; null when unknown")
+    sex: str = Field(description="male, female or unknown")
+    localization: str | None = Field(
+        description="anatomical site as read (lower case); null when unknown"
+    )
+    localization_bucket: str | None = Field(
+        description="the encoder's category for the site (the site itself, 'other' for a "
+        "site rare or unseen in training, 'unknown'); null for an image-only model"
+    )
+    unknown: list[str] = Field(description="fields the model saw as unknown")
+    note: str = Field(description="how the metadata was used, in words")
+
+
+class EnsembleMember(BaseModel):
+    name: str
+    arch: str | None
+    weight: float = Field(description="weight in the probability average")
+    input_size: list[int]
+    uses_metadata: bool
+    kept: bool = Field(
+        description="false for a zero-weight member left out of the model"
+    )
+
+
+class EnsembleInfo(BaseModel):
+    members: list[EnsembleMember]
+    objective: str | None = Field(
+        description="what the weights were chosen for on validation"
+    )
+
+
 class PredictResponse(BaseModel):
     filename: str | None
     probabilities: dict[str, float] = Field(
@@ -123,6 +172,9 @@ class PredictResponse(BaseModel):
         description="p(mel) >= validated threshold (or top_class == mel)"
     )
     decision: DecisionInfo
+    metadata: MetadataInfo = Field(
+        description="the patient metadata as the model saw it"
+    )
     model_version: str
     backend: str
 
@@ -137,7 +189,18 @@ class ModelInfo(BaseModel):
     input_size: list[int]
     mean: list[float]
     std: list[float]
-    uses_metadata: bool
+    uses_metadata: bool = Field(
+        description="whether the model fuses patient metadata (age, sex, localization)"
+    )
+    metadata_fields: list[str] = Field(
+        description="optional form fields /predict and /explain use (empty: image-only)"
+    )
+    metadata_sites: list[str] = Field(
+        description="localizations with their own category; any other site counts as 'other'"
+    )
+    ensemble: EnsembleInfo | None = Field(
+        description="members and weights when the model is an ensemble"
+    )
     decision: DecisionInfo
     metrics: dict[str, Any] = Field(
         description="validation figures stored with the model"
@@ -155,15 +218,73 @@ class Health(BaseModel):
 
 
 class APIError(Exception):
-    """A request error turned into ``{"error", "detail"}`` JSON with ``status``."""
+    """A request error turned into ``{"error", "detail"}`` JSON with ``status`` (and
+    ``field`` when one form field is to blame)."""
 
-    def __init__(self, status: int, error: str, detail: Any):
+    def __init__(self, status: int, error: str, detail: Any, field: str | None = None):
         super().__init__(detail)
-        self.status, self.error, self.detail = status, error, detail
+        self.status, self.error, self.detail, self.field = status, error, detail, field
 
 
-def _error(status: int, error: str, detail: Any) -> JSONResponse:
-    return JSONResponse(status_code=status, content={"error": error, "detail": detail})
+def _error(
+    status: int, error: str, detail: Any, field: str | None = None
+) -> JSONResponse:
+    content = {"error": error, "detail": detail}
+    if field is not None:
+        content["field"] = field
+    return JSONResponse(status_code=status, content=content)
+
+
+def parse_patient(
+    age: str | None, sex: str | None, localization: str | None
+) -> dict[str, Any]:
+    """The optional patient form fields, validated: ``{"age": float | None, "sex": str |
+    None, "localization": str | None}`` (blank = ``None`` = unknown). Raises
+    :class:`APIError` 422 ``invalid_metadata`` naming the field."""
+    out: dict[str, Any] = {"age": None, "sex": None, "localization": None}
+    if age is not None and age.strip():
+        try:
+            value = float(age.strip())
+        except ValueError:
+            value = math.nan
+        if not math.isfinite(value):
+            raise APIError(
+                422,
+                "invalid_metadata",
+                f"age: {age!r} is not a number; give the age in years "
+                f"({AGE_RANGE[0]:g}-{AGE_RANGE[1]:g}) or leave it empty",
+                field="age",
+            )
+        if not AGE_RANGE[0] <= value <= AGE_RANGE[1]:
+            raise APIError(
+                422,
+                "invalid_metadata",
+                f"age: {value:g} is outside {AGE_RANGE[0]:g}-{AGE_RANGE[1]:g} years",
+                field="age",
+            )
+        out["age"] = value
+    if sex is not None and sex.strip():
+        value = sex.strip().lower()
+        if value not in SEX_VALUES:
+            raise APIError(
+                422,
+                "invalid_metadata",
+                f"sex: {sex!r} is not one of {list(SEX_VALUES)} (or empty)",
+                field="sex",
+            )
+        out["sex"] = value
+    if localization is not None and localization.strip():
+        value = " ".join(localization.split()).lower()
+        if len(value) > MAX_LOCALIZATION_CHARS or not value.isprintable():
+            raise APIError(
+                422,
+                "invalid_metadata",
+                f"localization: give a short anatomical site (at most "
+                f"{MAX_LOCALIZATION_CHARS} printable characters), e.g. 'back'",
+                field="localization",
+            )
+        out["localization"] = value
+    return out
 
 
 # ---------------------------------------------------------------- upload size limit
@@ -262,7 +383,7 @@ def create_app(
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError) -> JSONResponse:
-        return _error(exc.status, exc.error, exc.detail)
+        return _error(exc.status, exc.error, exc.detail, exc.field)
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(
@@ -298,9 +419,25 @@ def create_app(
         415: {"model": ErrorResponse, "description": "not an image content type"},
         422: {
             "model": ErrorResponse,
-            "description": "not a decodable image / malformed request",
+            "description": "not a decodable image / invalid patient metadata (the field "
+            "is named) / malformed request",
         },
     }
+    age_form = Form(
+        None,
+        description="patient age in years (0-120); empty = unknown",
+        examples=["45"],
+    )
+    sex_form = Form(
+        None,
+        description="male, female or unknown; empty = unknown",
+        examples=["female"],
+    )
+    site_form = Form(
+        None,
+        description="anatomical site, e.g. back, face, lower extremity; empty = unknown",
+        examples=["back"],
+    )
 
     @app.get("/health", response_model=Health, tags=["service"])
     def health(request: Request) -> Health:
@@ -327,15 +464,21 @@ def create_app(
         "/predict", response_model=PredictResponse, responses=errors, tags=["model"]
     )
     async def predict(
-        request: Request, file: UploadFile = File(description="a dermoscopy picture")
+        request: Request,
+        file: UploadFile = File(description="a dermoscopy picture"),
+        age: str | None = age_form,
+        sex: str | None = sex_form,
+        localization: str | None = site_form,
     ) -> PredictResponse:
-        """Class probabilities, the decided class and the melanoma flag for one picture."""
+        """Class probabilities, the decided class and the melanoma flag for one picture,
+        with the patient's optional age, sex and localization for models that fuse them."""
         p = _predictor(request)
+        patient = parse_patient(age, sex, localization)
         data = await _read_upload(file, settings.max_upload_bytes)
         probs = await run_in_threadpool(
-            _predict_bytes, request.app, data, file.filename
+            _predict_bytes, request.app, data, file.filename, patient
         )
-        return _predict_response(p, probs, file.filename)
+        return _predict_response(p, probs, file.filename, patient)
 
     @app.post(
         "/explain",
@@ -359,11 +502,17 @@ def create_app(
         class_name: str | None = Query(
             None, description="class to explain; default: the top class"
         ),
+        age: str | None = age_form,
+        sex: str | None = sex_form,
+        localization: str | None = site_form,
     ) -> Response:
         """Grad-CAM heat map of the top class (or ``class_name``) over the picture, as PNG.
         Headers ``X-Explained-Class``, ``X-Class-Probability``, ``X-Target-Layer`` say what
-        it shows."""
+        it shows; ``X-Metadata`` the patient metadata held fixed (fusion models); for an
+        ensemble the map is the weight-averaged Grad-CAM of its members (``X-Target-Layer``
+        lists them with their weights, ``X-Gradcam-Members`` which were used)."""
         p = _predictor(request)
+        patient = parse_patient(age, sex, localization)
         if p.torch_model is None:
             raise APIError(
                 501,
@@ -379,18 +528,22 @@ def create_app(
             )
         data = await _read_upload(file, settings.max_upload_bytes)
         exp = await run_in_threadpool(
-            _explain_bytes, request.app, data, file.filename, class_name
+            _explain_bytes, request.app, data, file.filename, class_name, patient
         )
-        return Response(
-            content=exp.png,
-            media_type="image/png",
-            headers={
-                "X-Explained-Class": exp.class_name,
-                "X-Class-Probability": f"{exp.probability:.6f}",
-                "X-Target-Layer": exp.target_layer,
-                "X-Model-Version": p.version,
-            },
-        )
+        headers = {
+            "X-Explained-Class": exp.class_name,
+            "X-Class-Probability": f"{exp.probability:.6f}",
+            "X-Target-Layer": exp.target_layer,
+            "X-Model-Version": p.version,
+            "X-Metadata": _metadata_header(p.describe_metadata(patient)),
+        }
+        if exp.members:
+            headers["X-Gradcam-Members"] = "; ".join(
+                f"{m['name']} w={m['weight']:.3f} "
+                + ("used" if m["used"] else f"not used ({m['reason']})")
+                for m in exp.members
+            )
+        return Response(content=exp.png, media_type="image/png", headers=headers)
 
     @app.get("/", include_in_schema=False)
     def index() -> FileResponse:
@@ -472,32 +625,59 @@ def _decode(data: bytes, filename: str | None):
         raise APIError(422, "invalid_image", str(exc)) from exc
 
 
-def _predict_bytes(app: FastAPI, data: bytes, filename: str | None) -> np.ndarray:
+def _metadata_header(info: dict[str, Any]) -> str:
+    """``X-Metadata``: the patient fields as the model read them (ASCII only)."""
+    if not info["used"]:
+        return "not used (image-only model)"
+    age = "unknown" if info["age"] is None else f"{info['age']:g}"
+    site = info["localization_bucket"] or "unknown"
+    text = f"age={age}; sex={info['sex']}; localization={site}"
+    return text.encode("ascii", "replace").decode("ascii")
+
+
+def _encoded_patient(p: Any, patient: dict[str, Any]) -> np.ndarray | None:
+    try:
+        return p.encode_metadata(patient, 1)
+    except ValueError as exc:  # parse_patient already bounds the values
+        raise APIError(422, "invalid_metadata", str(exc)) from exc
+
+
+def _predict_bytes(
+    app: FastAPI, data: bytes, filename: str | None, patient: dict[str, Any]
+) -> np.ndarray:
     from skin_lesion_classifier.data.images import resize_rgb
 
     p = app.state.predictor
     image = resize_rgb(_decode(data, filename), p.input_size)
+    extra = _encoded_patient(p, patient)
     if p.backend == "torch":
         with (
             app.state.lock
         ):  # one forward pass at a time through the shared torch model
-            return p.predict(image[None])[0]
-    return p.predict(image[None])[0]
+            return p.predict(image[None], extra)[0]
+    return p.predict(image[None], extra)[0]
 
 
 def _explain_bytes(
-    app: FastAPI, data: bytes, filename: str | None, class_name: str | None
+    app: FastAPI,
+    data: bytes,
+    filename: str | None,
+    class_name: str | None,
+    patient: dict[str, Any],
 ):
     from skin_lesion_classifier.inference.gradcam import explain
 
     p = app.state.predictor
     picture = _decode(data, filename)
+    extra = _encoded_patient(p, patient)
     with app.state.lock:  # Grad-CAM hooks the shared torch model
-        return explain(p.torch_model, picture, p.meta, class_name=class_name)
+        return explain(
+            p.torch_model, picture, p.meta, class_name=class_name, metadata=extra
+        )
 
 
 def _predict_response(
-    p: Any, probs: np.ndarray, filename: str | None
+    p: Any, probs: np.ndarray, filename: str | None, patient: dict[str, Any]
 ) -> PredictResponse:
     probs2 = probs[None].astype(np.float64)
     top = int(p.decision.predict(probs2)[0])
@@ -512,6 +692,7 @@ def _predict_response(
         melanoma_probability=float(probs[classes.index("mel")]),
         melanoma_flag=flag,
         decision=DecisionInfo(**p.decision.as_dict()),
+        metadata=MetadataInfo(**p.describe_metadata(patient)),
         model_version=p.version,
         backend=p.backend,
     )

@@ -1,4 +1,5 @@
-// Upload page: POST the picked file to /predict and /explain and show the answers.
+// Upload page: POST the picked file (and the optional patient fields) to /predict and
+// /explain and show the answers.
 "use strict";
 
 const form = document.getElementById("upload-form");
@@ -29,7 +30,21 @@ async function loadModelInfo() {
     if (!r.ok) { el.textContent = await errorText(r); return; }
     const m = await r.json();
     classNames = m.class_names || {};
-    el.textContent = `Model ${m.arch || "?"} (${m.backend}, version ${m.version}), input ${m.input_size.join("x")}`;
+    const members = m.ensemble ? m.ensemble.members.filter((x) => x.kept) : [];
+    const what = members.length
+      ? `Ensemble of ${members.map((x) => `${x.name} (${x.arch}, w=${x.weight.toFixed(2)})`).join(", ")}`
+      : `Model ${m.arch || "?"}`;
+    el.textContent = `${what} (${m.backend}, version ${m.version}), input ${m.input_size.join("x")}`;
+    const hint = document.getElementById("metadata-hint");
+    hint.textContent = m.uses_metadata
+      ? "This model uses age, sex and site; leave a field empty when it is unknown."
+      : "This model is image-only: these fields are not used.";
+    const list = document.getElementById("site-list");
+    list.replaceChildren(...(m.metadata_sites || []).map((s) => {
+      const o = document.createElement("option");
+      o.value = s;
+      return o;
+    }));
   } catch (e) {
     el.textContent = `Model information unavailable: ${e}`;
   }
@@ -68,6 +83,21 @@ function renderProbabilities(pred) {
   mel.className = pred.melanoma_flag ? "melanoma flagged" : "melanoma";
   document.getElementById("decision-note").textContent =
     `Decision rule: ${pred.decision.rule}. ${pred.decision.note || ""} Model version ${pred.model_version}.`;
+  const md = pred.metadata;
+  document.getElementById("metadata-note").textContent = md.used
+    ? `Patient metadata: age ${md.age === null ? "unknown" : md.age}, sex ${md.sex}, ` +
+      `site ${md.localization_bucket || "unknown"} (${md.note}).`
+    : `Patient metadata: ${md.note}.`;
+}
+
+function formWithPatient(file) {
+  const body = new FormData();
+  body.append("file", file);
+  for (const [field, id] of [["age", "age-input"], ["sex", "sex-input"], ["localization", "localization-input"]]) {
+    const value = document.getElementById(id).value.trim();
+    if (value) body.append(field, value);
+  }
+  return body;
 }
 
 form.addEventListener("submit", async (event) => {
@@ -77,8 +107,7 @@ form.addEventListener("submit", async (event) => {
   setStatus("Classifying…", false);
   result.hidden = true;
   document.getElementById("preview").src = URL.createObjectURL(file);
-  const body = new FormData();
-  body.append("file", file);
+  const body = formWithPatient(file);
   try {
     const r = await fetch("/predict", { method: "POST", body });
     if (!r.ok) { setStatus(await errorText(r), true); return; }
@@ -87,8 +116,7 @@ form.addEventListener("submit", async (event) => {
     setStatus("Computing Grad-CAM…", false);
     const overlay = document.getElementById("overlay");
     const caption = document.getElementById("overlay-caption");
-    const body2 = new FormData();
-    body2.append("file", file);
+    const body2 = formWithPatient(file);
     const e = await fetch("/explain", { method: "POST", body: body2 });
     if (!e.ok) {
       overlay.removeAttribute("src");
