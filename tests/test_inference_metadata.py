@@ -558,3 +558,34 @@ def test_onnx_with_a_metadata_input_agrees_with_pytorch(
         atol=FP32_TOLERANCE,  # fmt: skip
     )
     assert np.abs(with_rows - onnx.predict(images[:4])).max() > 1e-3
+
+
+def test_service_runs_an_onnx_fusion_model_with_the_form_fields(
+    models, samples_dir, tmp_path
+) -> None:
+    from skin_lesion_classifier.inference.onnx_export import FP32_TOLERANCE, export_onnx
+
+    torch.set_num_threads(1)
+    model, meta = load_model(models["fusion"])
+    onnx_path = export_onnx(model, meta, tmp_path / "fusion.onnx")
+    path = sorted((samples_dir / "images").glob("*.jpg"))[7]
+    engine = load_predictor(models["fusion"])
+    fields = {"age": "62", "sex": "male", "localization": "trunk"}
+    env = {
+        "SLC_MODEL": str(onnx_path),
+        "SLC_EXPLAIN_CHECKPOINT": str(models["fusion"]),
+        "SLC_THREADS": "1",
+    }
+    with LocalServer(env, log_path=tmp_path / "serve-onnx.log") as s:
+        info = httpx.get(s.url + "/model").json()
+        assert info["backend"] == "onnx" and info["uses_metadata"]
+        assert info["ensemble"] is None
+        r = _post(s.url, path, fields)
+        assert r.status_code == 200, r.text
+        got = np.array(list(r.json()["probabilities"].values()))
+        expected = engine.predict_one(path, metadata={"age": 62, "sex": "male", "localization": "trunk"})  # fmt: skip
+        assert np.abs(got - expected).max() <= FP32_TOLERANCE
+        r = _post(s.url, path, {"age": "121"})
+        assert r.status_code == 422 and r.json()["field"] == "age"
+        r = _post(s.url, path, fields, "/explain")
+        assert r.status_code == 200 and r.headers["x-metadata"].startswith("age=62;")
