@@ -132,6 +132,7 @@ def save_checkpoint(
     os.close(fd)
     try:
         torch.save(ckpt, tmp)
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; checkpoints are shared files
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
