@@ -11,8 +11,8 @@ HOST ?= 127.0.0.1
 PORT ?= 8000
 MODEL ?= data/06_models/model.pt
 
-.PHONY: help setup data run train quick-train evaluate report test test-fast lint viz mlflow-ui \
-        show-results serve serve-dev api-docs predict export-onnx bench-train bench-inference clean
+.PHONY: help setup data run train quick-train evaluate test lint viz mlflow-ui show-results serve \
+        serve-dev api-docs predict export-onnx bench-train bench-inference ensemble cross-validation clean
 
 help:  ## list the commands
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN{FS=":.*?## "}{printf "  make %-16s %s\n", $$1, $$2}'
@@ -31,10 +31,10 @@ run: setup  ## the whole pipeline, ingestion -> report (GPU config on CUDA, quic
 	$(KEDRO) run --env $(KEDRO_ENV)
 
 train: setup  ## ingestion, splitting and training with the default (GPU) config
-	$(KEDRO) run --pipelines ingestion,splitting,training
+	$(KEDRO) run --pipelines ingestion,splitting,model_input,training
 
 quick-train: setup  ## the same with the quick CPU config (about 20 minutes on 2 cores)
-	$(KEDRO) run --env quick --pipelines ingestion,splitting,training
+	$(KEDRO) run --env quick --pipelines ingestion,splitting,model_input,training
 
 evaluate: setup  ## evaluation + reporting on the latest model, without retraining
 	$(KEDRO) run --env $(KEDRO_ENV) --pipelines evaluation,reporting
@@ -68,6 +68,15 @@ predict: setup  ## predict a folder: make predict INPUT=folder [OUTPUT=predictio
 
 export-onnx: setup  ## export the model to ONNX (+ int8) and check it against PyTorch
 	$(BIN)/skin-lesion-classifier export-onnx --model $(MODEL)
+
+bench-train: setup  ## full-data training benchmark: img/s, wall time, val/test BA and AUC (CONFIG=yaml)
+	$(BIN)/python -m skin_lesion_classifier.training.bench --config $(or $(CONFIG),conf/quick/parameters_training.yml) --data-dir $(or $(DATA_DIR),../shared/data/ham10000)
+
+ensemble: setup  ## train the ensemble members, metadata fusion and the weighted ensemble (quick config on CPU)
+	$(KEDRO) run --env $(KEDRO_ENV) --pipelines ensemble
+
+cross-validation: setup  ## K-fold cross-validation over lesion-grouped folds
+	$(KEDRO) run --env $(KEDRO_ENV) --pipelines cross_validation
 
 bench-inference: setup  ## CPU latency/throughput of PyTorch and ONNX Runtime, service requests/s (loopback)
 	$(BIN)/skin-lesion-classifier bench-inference --model $(MODEL)
