@@ -589,3 +589,34 @@ def test_service_runs_an_onnx_fusion_model_with_the_form_fields(
         assert r.status_code == 422 and r.json()["field"] == "age"
         r = _post(s.url, path, fields, "/explain")
         assert r.status_code == 200 and r.headers["x-metadata"].startswith("age=62;")
+
+
+# ---------------------------------------------------------------------- MLflow pyfunc
+def test_pyfunc_feeds_metadata_columns_to_a_fusion_model(
+    models, small_split, encoder
+) -> None:
+    """The logged pyfunc reads age/sex/localization columns; absent columns mean unknown."""
+    from types import SimpleNamespace
+
+    from skin_lesion_classifier.data.images import load_resized
+    from skin_lesion_classifier.mlflow_model import SkinLesionPyfunc
+    from skin_lesion_classifier.models.checkpoint import load_model
+
+    rows = small_split.head(6).reset_index(drop=True)
+    pyfunc = SkinLesionPyfunc(device="cpu")
+    pyfunc.load_context(
+        SimpleNamespace(artifacts={"checkpoint": str(models["fusion"])})
+    )
+    cols = [f"prob_{c}" for c in CLASSES]
+    with_meta = pyfunc.predict(None, rows[["path", "age", "sex", "localization"]])[cols]
+    without = pyfunc.predict(None, rows[["path"]])[cols].to_numpy()
+
+    model, meta = load_model(models["fusion"])
+    images = np.stack([load_resized(p, tuple(meta["input_size"])) for p in rows.path])
+    expected = _by_hand(model, images, meta, encoder.transform(rows))
+    np.testing.assert_allclose(with_meta.to_numpy(), expected, atol=1e-5)
+    unknown = rows.assign(age=np.nan, sex="unknown", localization="unknown")
+    np.testing.assert_allclose(
+        without, _by_hand(model, images, meta, encoder.transform(unknown)), atol=1e-5
+    )
+    assert np.abs(with_meta.to_numpy() - without).max() > 1e-3

@@ -3,7 +3,10 @@
 The model carries the checkpoint (``checkpoint.pt`` artifact) whose meta holds the class
 names and the preprocessing (input size, mean, std); ``predict`` takes a DataFrame with a
 ``path`` column (image files) or an ``image`` column (file paths, raw bytes or ``(H, W, 3)``
-uint8 arrays, any size) and returns one ``prob_<class>`` column per class plus ``pred``::
+uint8 arrays, any size) and returns one ``prob_<class>`` column per class plus ``pred``.
+Models that fuse patient metadata also read optional ``age``, ``sex`` and ``localization``
+columns; a missing column or blank value counts as unknown (the encoder's explicit
+missing/unknown categories)::
 
     model = mlflow.pyfunc.load_model("models:/<model id>")
     model.predict(pd.DataFrame({"path": ["ISIC_0024306.jpg"]}))
@@ -19,6 +22,10 @@ import pandas as pd
 from PIL import Image
 
 from skin_lesion_classifier.data.images import load_resized, resize_rgb
+from skin_lesion_classifier.data.metadata_features import (
+    METADATA_COLUMNS,
+    metadata_inputs,
+)
 from skin_lesion_classifier.device import detect_device
 from skin_lesion_classifier.inference.predict import predict_proba
 from skin_lesion_classifier.models.checkpoint import load_model
@@ -89,6 +96,20 @@ class SkinLesionPyfunc(mlflow.pyfunc.PythonModel):
         size = tuple(self.meta["input_size"])
         images = images_from_frame(model_input, size)
         tta = (params or {}).get("tta", self.tta)
+        extra = None
+        if self.meta.get("uses_metadata"):
+            rows = pd.DataFrame(model_input).reset_index(drop=True)
+            defaults = {"age": np.nan, "sex": "unknown", "localization": "unknown"}
+            rows = pd.DataFrame(
+                {
+                    c: rows[c] if c in rows.columns else defaults[c]
+                    for c in METADATA_COLUMNS
+                },
+                index=rows.index,
+            )
+            rows["sex"] = rows["sex"].fillna("unknown")
+            rows["localization"] = rows["localization"].fillna("unknown")
+            extra = metadata_inputs(self.meta, rows)
         proba = predict_proba(
             self.model,
             images,
@@ -97,6 +118,7 @@ class SkinLesionPyfunc(mlflow.pyfunc.PythonModel):
             self.device,
             self.batch_size,
             tta=tta,
+            extra_inputs=extra,
         )
         classes = self.meta["classes"]
         out = pd.DataFrame(
