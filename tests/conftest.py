@@ -92,3 +92,23 @@ def make_small_split(
 def small_split(metadata_df: pd.DataFrame, ham10000_dir: Path) -> pd.DataFrame:
     """56 real 200x150 images (8 lesions per class) with a train/val/test split."""
     return make_small_split(metadata_df, ham10000_dir / "images", per_class=8)
+
+
+def catalog_section(project_root: Path, *sections: str) -> dict:
+    """The entries of ``conf/base/catalog.yml`` under ``# === section: <name>`` headers."""
+    import yaml
+
+    chunks: dict[str, list[str]] = {}
+    current = None
+    for line in (project_root / "conf/base/catalog.yml").read_text().splitlines():
+        if line.startswith("# === section: "):
+            current = line.removeprefix("# === section: ").strip()
+            chunks[current] = []
+        elif current is not None:
+            chunks[current].append(line)
+    conf: dict = {}
+    for name in sections:
+        if name not in chunks:
+            raise KeyError(f"no section {name!r} in conf/base/catalog.yml; have {sorted(chunks)}")
+        conf.update(yaml.safe_load("\n".join(chunks[name])) or {})
+    return conf

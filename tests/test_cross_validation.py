@@ -19,6 +19,7 @@ from skin_lesion_classifier.evaluation.cross_validation import (
 )
 from skin_lesion_classifier.evaluation.evaluate import predictions_frame
 from skin_lesion_classifier.pipelines.splitting.nodes import assign_splits
+from tests.conftest import catalog_section
 
 
 @pytest.fixture(scope="module")
@@ -171,9 +172,7 @@ def test_cross_validation_pipeline_trains_each_fold_and_reports(
     from skin_lesion_classifier.pipelines.cross_validation import create_pipeline
 
     torch.set_num_threads(1)
-    conf = yaml.safe_load(
-        (project_root / "conf/base/catalog_cross_validation.yml").read_text()
-    )
+    conf = catalog_section(project_root, "cross_validation")
     for entry in conf.values():
         inner = entry.get("dataset", entry)
         if "filepath" in inner:

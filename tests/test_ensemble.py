@@ -25,6 +25,7 @@ from skin_lesion_classifier.evaluation.metrics import log_loss
 from skin_lesion_classifier.inference.predict import predict_proba
 from skin_lesion_classifier.models.checkpoint import load_model, make_checkpoint
 from skin_lesion_classifier.models.factory import create_model
+from tests.conftest import catalog_section
 
 
 def _noisy(y: np.ndarray, skill: float, rng) -> np.ndarray:
@@ -169,9 +170,8 @@ def test_ensemble_refuses_mismatched_members(two_members):
 
 # ------------------------------------------------------------------ the Kedro pipeline
 def _moved_catalog(project_root, out):
-    import yaml
 
-    conf = yaml.safe_load((project_root / "conf/base/catalog_ensemble.yml").read_text())
+    conf = catalog_section(project_root, "ensemble")
     for entry in conf.values():
         inner = entry.get("dataset", entry)
         for key in ("filepath", "path"):

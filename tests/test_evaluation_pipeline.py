@@ -22,6 +22,7 @@ from skin_lesion_classifier.evaluation.metrics import balanced_accuracy, macro_r
 from skin_lesion_classifier.inference.predict import predict_proba
 from skin_lesion_classifier.models.checkpoint import make_checkpoint
 from skin_lesion_classifier.models.factory import create_model, resolve_preprocessing
+from tests.conftest import catalog_section
 
 SIZE = (48, 64)  # H, W: 4:3 like the pictures; not square, so TTA uses flips and 180°
 FIGURES = (
@@ -81,9 +82,7 @@ def _train_tiny_model(split: pd.DataFrame):
 
 def _catalog_conf(project_root: Path, out: Path) -> dict:
     """The evaluation and reporting catalog entries with ``data/`` moved under ``out``."""
-    conf = {}
-    for name in ("catalog_evaluation.yml", "catalog_reporting.yml"):
-        conf.update(yaml.safe_load((project_root / "conf/base" / name).read_text()))
+    conf = catalog_section(project_root, "evaluation", "reporting")
     for entry in conf.values():
         inner = entry.get("dataset", entry)
         if isinstance(inner, dict) and "filepath" in inner:

@@ -16,6 +16,7 @@ from skin_lesion_classifier.evaluation.external import (
     read_external_set,
     read_ground_truth,
 )
+from tests.conftest import catalog_section
 
 
 def isic_ground_truth(meta: pd.DataFrame) -> pd.DataFrame:
@@ -132,11 +133,8 @@ def test_external_metadata_joins_and_reports_gaps(external_set, tmp_path):
 
 
 def _catalog(project_root: Path, out: Path) -> dict:
-    import yaml
 
-    conf = yaml.safe_load(
-        (project_root / "conf/base/catalog_external_validation.yml").read_text()
-    )
+    conf = catalog_section(project_root, "external_validation")
     for entry in conf.values():
         inner = entry.get("dataset", entry)
         if "filepath" in inner:

@@ -34,6 +34,7 @@ from skin_lesion_classifier.inference.predictor import (
 )
 from skin_lesion_classifier.models.checkpoint import save_checkpoint
 from skin_lesion_classifier.models.factory import create_model
+from tests.conftest import catalog_section
 
 INPUT_SIZE = [48, 64]  # H, W: the 4:3 aspect of HAM10000 pictures
 MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
@@ -295,9 +296,7 @@ def test_inference_pipeline_runs_with_its_catalog_entries(
     from skin_lesion_classifier.pipelines.inference import create_pipeline
 
     pipeline = create_pipeline()
-    catalog_conf = yaml.safe_load(
-        (project_root / "conf/base/catalog_inference.yml").read_text()
-    )
+    catalog_conf = catalog_section(project_root, "inference")
     params = yaml.safe_load(
         (project_root / "conf/base/parameters_inference.yml").read_text()
     )["inference"]

@@ -16,7 +16,7 @@ evaluated and reported by the evaluation and reporting pipelines under namespace
 ``ensemble``, and a comparison of every model against the best single model on test.
 
 Add a member: a name here and its parameters under ``ensemble.members`` (and catalog
-entries for its MLflow metrics in ``catalog_ensemble.yml``).
+entries for its MLflow metrics in the ``ensemble`` section of ``conf/base/catalog.yml``).
 """
 
 import warnings

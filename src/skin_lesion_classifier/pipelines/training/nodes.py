@@ -63,7 +63,7 @@ def best_validation_metrics(
 
 def make_mlflow_model(model_checkpoint: dict[str, Any], params: dict[str, Any]):
     """The pyfunc wrapper logged as the MLflow model; its ``checkpoint`` artifact is the
-    saved ``model_checkpoint`` file (see ``catalog_training.yml``)."""
+    saved ``model_checkpoint`` file (see ``conf/base/catalog.yml``)."""
     from skin_lesion_classifier.mlflow_model import SkinLesionPyfunc
 
     opts = params.get("mlflow_model", {})
