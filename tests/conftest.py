@@ -109,6 +109,37 @@ def catalog_section(project_root: Path, *sections: str) -> dict:
     conf: dict = {}
     for name in sections:
         if name not in chunks:
-            raise KeyError(f"no section {name!r} in conf/base/catalog.yml; have {sorted(chunks)}")
+            raise KeyError(
+                f"no section {name!r} in conf/base/catalog.yml; have {sorted(chunks)}"
+            )
         conf.update(yaml.safe_load("\n".join(chunks[name])) or {})
     return conf
+
+
+def tiny_model(
+    input_size=(48, 64),
+    seed: int = 0,
+    mean=(0.485, 0.456, 0.406),
+    std=(0.229, 0.224, 0.225),
+    **meta_extra,
+):
+    """A random-init timm ``test_efficientnet`` and its checkpoint meta (project contract),
+    for tests that need a real model but not a trained one. ``meta_extra`` adds keys such as
+    ``decision`` or ``metrics``."""
+    import torch
+
+    from skin_lesion_classifier.models.factory import create_model
+
+    torch.manual_seed(seed)
+    model = create_model(
+        "test_efficientnet", num_classes=len(CLASSES), input_size=input_size
+    )
+    meta = {
+        "arch": "test_efficientnet",
+        "classes": list(CLASSES),
+        "input_size": list(input_size),
+        "mean": list(mean),
+        "std": list(std),
+        **meta_extra,
+    }
+    return model, meta

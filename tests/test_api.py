@@ -10,14 +10,13 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from skin_lesion_classifier.api.server import LocalServer
 from skin_lesion_classifier.constants import CLASSES
 from skin_lesion_classifier.inference.predictor import load_predictor
 from skin_lesion_classifier.models.checkpoint import save_checkpoint
-from skin_lesion_classifier.models.factory import create_model
+from tests.conftest import tiny_model
 
 pytestmark = pytest.mark.slow
 
@@ -30,16 +29,12 @@ def model_files(tmp_path_factory) -> dict[str, Path]:
     """A tiny checkpoint (no decision in its meta) and its ONNX export."""
     from skin_lesion_classifier.inference.onnx_export import export_onnx
 
-    torch.manual_seed(0)
-    model = create_model("test_efficientnet", num_classes=7, input_size=INPUT_SIZE)
-    meta = {
-        "arch": "test_efficientnet",
-        "classes": list(CLASSES),
-        "input_size": INPUT_SIZE,
-        "mean": [0.485, 0.456, 0.406],
-        "std": [0.229, 0.224, 0.225],
-        "metrics": {"val_balanced_accuracy": 0.42},
-    }
+    model, meta = tiny_model(
+        INPUT_SIZE,
+        mean=[0.485, 0.456, 0.406],
+        std=[0.229, 0.224, 0.225],
+        metrics={"val_balanced_accuracy": 0.42},
+    )
     folder = tmp_path_factory.mktemp("api-model")
     pt = save_checkpoint(folder / "model.pt", model, meta)
     onnx_path = export_onnx(model, meta, folder / "model.onnx")

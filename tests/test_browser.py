@@ -8,12 +8,11 @@ import shutil
 from pathlib import Path
 
 import pytest
-import torch
 
 from skin_lesion_classifier.api.server import LocalServer
 from skin_lesion_classifier.constants import CLASSES
 from skin_lesion_classifier.models.checkpoint import save_checkpoint
-from skin_lesion_classifier.models.factory import create_model
+from tests.conftest import tiny_model
 
 pytestmark = [pytest.mark.slow, pytest.mark.browser]
 
@@ -33,16 +32,12 @@ ARTIFACTS = Path(__file__).parent / "artifacts"
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    torch.manual_seed(0)
-    model = create_model("test_efficientnet", num_classes=7, input_size=[48, 64])
-    meta = {
-        "arch": "test_efficientnet",
-        "classes": list(CLASSES),
-        "input_size": [48, 64],
-        "mean": [0.485, 0.456, 0.406],
-        "std": [0.229, 0.224, 0.225],
-        "decision": {"melanoma_threshold": 0.1},
-    }
+    model, meta = tiny_model(
+        [48, 64],
+        mean=[0.485, 0.456, 0.406],
+        std=[0.229, 0.224, 0.225],
+        decision={"melanoma_threshold": 0.1},
+    )
     folder = tmp_path_factory.mktemp("browser")
     ckpt = save_checkpoint(folder / "model.pt", model, meta)
     with LocalServer(

@@ -8,11 +8,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
-from skin_lesion_classifier.constants import CLASSES
 from skin_lesion_classifier.models.checkpoint import save_checkpoint
-from skin_lesion_classifier.models.factory import create_model
+from tests.conftest import tiny_model
 
 pytestmark = pytest.mark.slow
 
@@ -25,16 +23,12 @@ def test_model_references_from_the_tracking_store(
     from skin_lesion_classifier.inference.predictor import load_predictor
     from skin_lesion_classifier.mlflow_model import PIP_REQUIREMENTS, SkinLesionPyfunc
 
-    torch.manual_seed(0)
-    model = create_model("test_efficientnet", num_classes=7, input_size=[48, 64])
-    meta = {
-        "arch": "test_efficientnet",
-        "classes": list(CLASSES),
-        "input_size": [48, 64],
-        "mean": [0.5, 0.5, 0.5],
-        "std": [0.25, 0.25, 0.25],
-        "decision": {"melanoma_threshold": 0.3},
-    }
+    model, meta = tiny_model(
+        [48, 64],
+        mean=[0.5, 0.5, 0.5],
+        std=[0.25, 0.25, 0.25],
+        decision={"melanoma_threshold": 0.3},
+    )
     ckpt = save_checkpoint(tmp_path / "model.pt", model, meta)
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     mlflow.set_tracking_uri(uri)

@@ -13,7 +13,6 @@ import numpy as np
 import pytest
 import torch
 
-from skin_lesion_classifier.constants import CLASSES
 from skin_lesion_classifier.inference.onnx_export import (
     FP32_TOLERANCE,
     compare_predictors,
@@ -24,24 +23,20 @@ from skin_lesion_classifier.inference.predictor import (
     load_predictor,
 )
 from skin_lesion_classifier.models.checkpoint import save_checkpoint
-from skin_lesion_classifier.models.factory import create_model
+from tests.conftest import tiny_model
 
 INPUT_SIZE = [48, 64]
 
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> Path:
-    torch.manual_seed(0)
-    model = create_model("test_efficientnet", num_classes=7, input_size=INPUT_SIZE)
-    meta = {
-        "arch": "test_efficientnet",
-        "classes": list(CLASSES),
-        "input_size": INPUT_SIZE,
-        "mean": [0.5, 0.5, 0.5],
-        "std": [0.25, 0.25, 0.25],
-        "decision": {"melanoma_threshold": 0.2},
-        "metrics": {"val_balanced_accuracy": 0.5},
-    }
+    model, meta = tiny_model(
+        INPUT_SIZE,
+        mean=[0.5, 0.5, 0.5],
+        std=[0.25, 0.25, 0.25],
+        decision={"melanoma_threshold": 0.2},
+        metrics={"val_balanced_accuracy": 0.5},
+    )
     return save_checkpoint(tmp_path_factory.mktemp("onnx") / "model.pt", model, meta)
 
 

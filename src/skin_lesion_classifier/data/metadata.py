@@ -20,6 +20,17 @@ OPTIONAL_COLUMNS: dict[str, object] = {
     "localization": "unknown",
 }
 VALID_SEX = ("male", "female", "unknown")
+#: Columns of the validated metadata, in order.
+CLEAN_COLUMNS: tuple[str, ...] = (
+    "image_id",
+    "lesion_id",
+    "dx",
+    "label",
+    "dx_type",
+    "age",
+    "sex",
+    "localization",
+)
 ISSUE_COLUMNS = [
     "stage",
     "severity",
@@ -218,18 +229,7 @@ def validate_metadata(
     df["dx_type"] = df["dx_type"].str.lower().fillna("unknown")
 
     df["label"] = df["dx"].map(CLASS_TO_INDEX).astype("int64")
-    clean = df[
-        [
-            "image_id",
-            "lesion_id",
-            "dx",
-            "label",
-            "dx_type",
-            "age",
-            "sex",
-            "localization",
-        ]
-    ]
+    clean = df[list(CLEAN_COLUMNS)]
     for col in ("image_id", "lesion_id", "dx", "dx_type", "sex", "localization"):
         clean[col] = clean[col].astype(str)
     return clean.reset_index(drop=True), pd.DataFrame(issues, columns=ISSUE_COLUMNS)

@@ -127,17 +127,24 @@ def save_checkpoint(
     if extra:
         ckpt.update(extra)
     path = Path(path)
+    atomic_torch_save(ckpt, path)
+    return path
+
+
+def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
+    """``torch.save`` to a temporary file beside ``path``, then rename: a run killed while
+    writing never leaves a half-written checkpoint."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
-        torch.save(ckpt, tmp)
+        torch.save(obj, tmp)
         os.chmod(tmp, 0o644)  # mkstemp makes 0600; checkpoints are shared files
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
-    return path
 
 
 def read_checkpoint(

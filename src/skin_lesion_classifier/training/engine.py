@@ -24,7 +24,6 @@ import logging
 import math
 import os
 import random
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -42,7 +41,11 @@ from skin_lesion_classifier.data.augment import augment_batch, torchvision_trans
 from skin_lesion_classifier.data.transforms import normalize
 from skin_lesion_classifier.device import detect_device
 from skin_lesion_classifier.inference.predict import predict_proba
-from skin_lesion_classifier.models.checkpoint import make_checkpoint, unwrap_model
+from skin_lesion_classifier.models.checkpoint import (
+    atomic_torch_save,
+    make_checkpoint,
+    unwrap_model,
+)
 from skin_lesion_classifier.models.factory import create_model, resolve_preprocessing
 from skin_lesion_classifier.training.config import MONITORS, TrainConfig
 from skin_lesion_classifier.training.losses import build_loss
@@ -129,19 +132,6 @@ def classification_scores(y_true: np.ndarray, proba: np.ndarray) -> dict[str, fl
         "balanced_accuracy": float(balanced_accuracy_score(y_true, proba.argmax(1))),
         "macro_auc": macro_auc(y_true, proba),
     }
-
-
-def _atomic_save(obj: Any, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; checkpoints are shared files
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def _fingerprint(
@@ -620,7 +610,7 @@ def train_model(
                 model, trainable, eval_module, frozen, meta_base, row
             )
             if best_path is not None:
-                _atomic_save(best_state, best_path)
+                atomic_torch_save(best_state, best_path)
         else:
             bad_epochs += 1
         logger.info(
@@ -636,7 +626,7 @@ def train_model(
             "  *" if improved else "",
         )
         if last_path is not None:
-            _atomic_save(
+            atomic_torch_save(
                 {
                     "fingerprint": fingerprint,
                     "epoch": epoch,
@@ -789,7 +779,7 @@ def _frozen_features(
     train_feats = torch.stack(views)
     val_feats = extract_features(model, val_images, desc="val features", **kw)
     if path is not None:
-        _atomic_save(
+        atomic_torch_save(
             {"key": key, "train": train_feats.cpu(), "val": val_feats.cpu()}, path
         )
     return train_feats, val_feats

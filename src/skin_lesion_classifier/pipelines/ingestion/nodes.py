@@ -13,19 +13,16 @@ from skin_lesion_classifier.data.discovery import (
     check_images,
     near_duplicate_pairs,
 )
-from skin_lesion_classifier.data.metadata import ISSUE_COLUMNS, validate_metadata
+from skin_lesion_classifier.data.metadata import (
+    CLEAN_COLUMNS,
+    ISSUE_COLUMNS,
+    validate_metadata,
+)
 
 logger = logging.getLogger(__name__)
 
 INDEX_COLUMNS = [
-    "image_id",
-    "lesion_id",
-    "dx",
-    "label",
-    "dx_type",
-    "age",
-    "sex",
-    "localization",
+    *CLEAN_COLUMNS,
     "path",
     "width",
     "height",
