@@ -23,6 +23,14 @@ PROB_COLUMNS: tuple[str, ...] = tuple(f"prob_{c}" for c in CLASSES)
 ID_COLUMNS: tuple[str, ...] = ("image_id", "lesion_id", "split", "dx", "label")
 
 
+def split_rows(split_assignment: pd.DataFrame, split: str) -> pd.DataFrame:
+    """The rows of ``split`` (``train``/``val``/``test``), re-indexed; an empty split is an error."""
+    rows = split_assignment[split_assignment["split"] == split].reset_index(drop=True)
+    if rows.empty:
+        raise ValueError(f"the split assignment has no {split!r} rows")
+    return rows
+
+
 def predictions_frame(rows: pd.DataFrame, probabilities: np.ndarray) -> pd.DataFrame:
     """The ``predictions`` contract: ``image_id, lesion_id, split, dx, label``, one
     ``prob_<class>`` column per class and ``pred`` / ``pred_dx`` (the arg-max)."""

@@ -15,11 +15,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from skin_lesion_classifier.constants import CLASSES
 from skin_lesion_classifier.data.images import load_resized
 from skin_lesion_classifier.data.metadata_features import (
     MetadataEncoder,
-    metadata_inputs,
     with_metadata,
 )
 from skin_lesion_classifier.device import detect_device
@@ -33,26 +31,21 @@ from skin_lesion_classifier.evaluation.ensemble import (
 from skin_lesion_classifier.evaluation.evaluate import (
     predictions_frame,
     probabilities_of,
+    split_rows,
 )
 from skin_lesion_classifier.evaluation.metrics import balanced_accuracy
 from skin_lesion_classifier.evaluation.report import fmt, to_jsonable
-from skin_lesion_classifier.inference.predict import predict_proba
+from skin_lesion_classifier.models.checkpoint import read_checkpoint
 from skin_lesion_classifier.models.fusion import (
     fusion_features,
     proba_from_features,
     train_fusion_head,
 )
+from skin_lesion_classifier.pipelines.evaluation.nodes import predict_split
 
 logger = logging.getLogger(__name__)
 
 ID_COLUMNS = ["image_id", "lesion_id", "split", "dx", "label"]
-
-
-def _rows(split_assignment: pd.DataFrame, split: str) -> pd.DataFrame:
-    rows = split_assignment[split_assignment["split"] == split].reset_index(drop=True)
-    if rows.empty:
-        raise ValueError(f"the split assignment has no {split!r} rows")
-    return rows
 
 
 def _images(
@@ -75,25 +68,21 @@ def predict_member(
     split: str,
 ) -> pd.DataFrame:
     """Class probabilities of every image of ``split`` (the ``predictions`` contract) for a
-    single model, a fusion model (metadata joined from ``image_index``) or an ensemble."""
-    p = params.get("predict", {})
-    device = detect_device(p.get("device", "auto"))
-    model, meta = load_any_model(model_checkpoint, device)
-    if list(meta["classes"]) != list(CLASSES):
-        raise ValueError(f"model classes {meta['classes']} differ from {list(CLASSES)}")
-    rows = _rows(split_assignment, split)
-    prob = predict_proba(
-        model,
-        _images(image_cache, rows, image_index, meta["input_size"]),
-        meta["mean"],
-        meta["std"],
-        device,
-        batch_size=int(p.get("batch_size", 64)),
-        tta=p.get("tta", False),
-        extra_inputs=metadata_inputs(meta, rows, image_index),
+    single model, a fusion model (metadata joined from ``image_index``) or an ensemble:
+    the evaluation pipeline's ``predict_split``, fed from the member's cache when it is at
+    the model's input size, else from ``image_index``."""
+    size = read_checkpoint(model_checkpoint)["meta"]["input_size"]
+    cache_fits = image_cache is not None and tuple(image_cache.input_size) == tuple(
+        size
     )
-    logger.info("predicted %d %s images with %s", len(rows), split, meta["arch"])
-    return predictions_frame(rows, prob)
+    return predict_split(
+        model_checkpoint,
+        split_assignment,
+        image_cache if cache_fits else image_index,
+        params.get("predict", {}),
+        split,
+        image_index=image_index,
+    )
 
 
 def predict_member_val(
@@ -131,7 +120,7 @@ def train_member_fusion(
     model, meta = load_any_model(model_checkpoint, device)
     cfg = dict(params.get("fusion", {}))
     rows = {
-        s: with_metadata(_rows(split_assignment, s), image_index)
+        s: with_metadata(split_rows(split_assignment, s), image_index)
         for s in ("train", "val", "test")
     }
     size = meta["input_size"]

@@ -26,6 +26,7 @@ from skin_lesion_classifier.evaluation.evaluate import (
     isic_submission,
     predictions_frame,
     probabilities_of,
+    split_rows,
     train_counts_from,
 )
 from skin_lesion_classifier.evaluation.metrics import f1_vs_training_size
@@ -42,13 +43,6 @@ def _checkpoint_source(model_checkpoint: Any) -> Any:
         model, meta = model_checkpoint  # an already loaded (model, meta)
         return {"state_dict": model.state_dict(), "meta": meta}
     return model_checkpoint
-
-
-def _split_rows(split_assignment: pd.DataFrame, split: str) -> pd.DataFrame:
-    rows = split_assignment[split_assignment["split"] == split].reset_index(drop=True)
-    if rows.empty:
-        raise ValueError(f"the split assignment has no {split!r} rows to evaluate")
-    return rows
 
 
 def _load_images(
@@ -100,7 +94,7 @@ def predict_split(
     model, meta = load_model(_checkpoint_source(model_checkpoint), device)
     if list(meta["classes"]) != list(CLASSES):
         raise ValueError(f"model classes {meta['classes']} differ from {list(CLASSES)}")
-    rows = _split_rows(split_assignment, split)
+    rows = split_rows(split_assignment, split)
     if image_index is None and isinstance(images, pd.DataFrame):
         image_index = images
     extra = metadata_inputs(meta, rows, image_index)
