@@ -103,33 +103,24 @@ def validate_metadata(
         df.loc[df[col] == "", col] = pd.NA
     df["dx"] = df["dx"].str.lower()
 
+    def flag(rows: pd.DataFrame, severity: str, field: str, reason) -> None:
+        """One issue per row of ``rows``: ``reason(row)`` follows the CSV line number."""
+        for _, r in rows.iterrows():
+            issues.append(
+                _issue(severity, r.image_id, r.lesion_id, field, r[field],
+                       f"line {r._row}: {reason(r)}")
+            )  # fmt: skip
+
     # Rows that cannot be used at all.
     bad = df["image_id"].isna()
-    for _, r in df[bad].iterrows():
-        issues.append(
-            _issue(
-                "error",
-                None,
-                r.lesion_id,
-                "image_id",
-                None,
-                f"line {r._row}: missing image_id",
-            )
-        )
+    flag(df[bad], "error", "image_id", lambda r: "missing image_id")
     df = df[~bad]
 
     unknown = ~df["dx"].isin(CLASSES)
-    for _, r in df[unknown].iterrows():
-        issues.append(
-            _issue(
-                "error",
-                r.image_id,
-                r.lesion_id,
-                "dx",
-                r.dx,
-                f"line {r._row}: unknown class code {r.dx!r}; expected one of {', '.join(CLASSES)}",
-            )
-        )
+    flag(
+        df[unknown], "error", "dx",
+        lambda r: f"unknown class code {r.dx!r}; expected one of {', '.join(CLASSES)}",
+    )  # fmt: skip
     df = df[~unknown]
 
     # Duplicate image ids: identical rows are kept once, conflicting ones are all rejected.
@@ -141,45 +132,18 @@ def validate_metadata(
             distinct = grp[fields].astype("string").fillna("<NA>").drop_duplicates()
             if len(distinct) == 1:
                 keep_rows.append(grp.index[0])
-                for _, r in grp.iloc[1:].iterrows():
-                    issues.append(
-                        _issue(
-                            "warning",
-                            image_id,
-                            r.lesion_id,
-                            "image_id",
-                            image_id,
-                            f"line {r._row}: exact duplicate row of image {image_id}, kept once",
-                        )
-                    )
+                flag(grp.iloc[1:], "warning", "image_id",
+                     lambda r: f"exact duplicate row of image {r.image_id}, kept once")  # fmt: skip
             else:
-                for _, r in grp.iterrows():
-                    issues.append(
-                        _issue(
-                            "error",
-                            image_id,
-                            r.lesion_id,
-                            "image_id",
-                            image_id,
-                            f"line {r._row}: image {image_id} appears {len(grp)} times with conflicting values",
-                        )
-                    )
+                flag(grp, "error", "image_id",
+                     lambda r, n=len(grp): f"image {r.image_id} appears {n} times with conflicting values")  # fmt: skip
         df = pd.concat([df[~dup_mask], df.loc[keep_rows]]).sort_values("_row")
 
     # Repairs that keep the row.
     no_lesion = df["lesion_id"].isna()
-    for idx, r in df[no_lesion].iterrows():
-        issues.append(
-            _issue(
-                "warning",
-                r.image_id,
-                None,
-                "lesion_id",
-                None,
-                f"line {r._row}: missing lesion_id; image treated as its own lesion",
-            )
-        )
-        df.loc[idx, "lesion_id"] = f"NOLESION_{r.image_id}"
+    flag(df[no_lesion], "warning", "lesion_id",
+         lambda r: "missing lesion_id; image treated as its own lesion")  # fmt: skip
+    df.loc[no_lesion, "lesion_id"] = "NOLESION_" + df.loc[no_lesion, "image_id"]
 
     raw_age = df["age"]
     age = pd.to_numeric(raw_age, errors="coerce")
@@ -187,43 +151,16 @@ def validate_metadata(
         raw_age.notna() & age.isna() & (raw_age.astype("string").str.strip() != "")
     )
     out_of_range = age.notna() & ((age < min_age) | (age > max_age))
-    for _, r in df[not_number].iterrows():
-        issues.append(
-            _issue(
-                "warning",
-                r.image_id,
-                r.lesion_id,
-                "age",
-                r.age,
-                f"line {r._row}: age {r.age!r} is not a number; set blank",
-            )
-        )
-    for _, r in df[out_of_range].iterrows():
-        issues.append(
-            _issue(
-                "warning",
-                r.image_id,
-                r.lesion_id,
-                "age",
-                r.age,
-                f"line {r._row}: age {r.age} outside [{min_age}, {max_age}]; set blank",
-            )
-        )
+    flag(df[not_number], "warning", "age",
+         lambda r: f"age {r.age!r} is not a number; set blank")  # fmt: skip
+    flag(df[out_of_range], "warning", "age",
+         lambda r: f"age {r.age} outside [{min_age}, {max_age}]; set blank")  # fmt: skip
     df["age"] = age.where(~out_of_range).astype(float)
 
     df["sex"] = df["sex"].str.lower().fillna("unknown")
     bad_sex = ~df["sex"].isin(VALID_SEX)
-    for _, r in df[bad_sex].iterrows():
-        issues.append(
-            _issue(
-                "warning",
-                r.image_id,
-                r.lesion_id,
-                "sex",
-                r.sex,
-                f"line {r._row}: sex {r.sex!r} not one of {VALID_SEX}; set 'unknown'",
-            )
-        )
+    flag(df[bad_sex], "warning", "sex",
+         lambda r: f"sex {r.sex!r} not one of {VALID_SEX}; set 'unknown'")  # fmt: skip
     df.loc[bad_sex, "sex"] = "unknown"
     df["localization"] = df["localization"].str.lower().fillna("unknown")
     df["dx_type"] = df["dx_type"].str.lower().fillna("unknown")
