@@ -7,7 +7,7 @@
 CPU-budget design (no Kedro, no MLflow): for each member architecture the ImageNet
 backbone (packaged offline weights) stays frozen and its pooled multi-scale features are
 computed **once** for every image; then, on those same features, with the same recipe and
-seed (``models.fusion.train_fusion_head``):
+seed (``training.fusion.train_fusion_head``):
 
 * ``<member>``: the image-only head (the single model),
 * ``<member>_meta``: the head with age, sex and site fused before the classifier,
@@ -54,12 +54,9 @@ from skin_lesion_classifier.evaluation.metrics import balanced_accuracy
 from skin_lesion_classifier.inference.predict import predict_proba
 from skin_lesion_classifier.models.checkpoint import make_checkpoint
 from skin_lesion_classifier.models.factory import create_model, resolve_preprocessing
-from skin_lesion_classifier.models.fusion import (
-    FusionHeadConfig,
-    proba_from_features,
-    train_fusion_head,
-)
+from skin_lesion_classifier.models.fusion import proba_from_features
 from skin_lesion_classifier.training.engine import extract_features
+from skin_lesion_classifier.training.fusion import FusionHeadConfig, train_fusion_head
 
 log = logging.getLogger("bench_ensemble")
 

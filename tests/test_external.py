@@ -160,8 +160,8 @@ def test_external_pipeline_reports_an_ensemble_with_the_gaps_listed(
         build_ensemble_checkpoint,
         save_ensemble,
     )
-    from skin_lesion_classifier.models.fusion import train_fusion_head
     from skin_lesion_classifier.pipelines.external_validation import create_pipeline
+    from skin_lesion_classifier.training.fusion import train_fusion_head
     from tests.test_fusion import _tiny_trained_model
 
     torch.set_num_threads(1)

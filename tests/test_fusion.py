@@ -200,10 +200,8 @@ def _tiny_trained_model(small_split, size=(48, 64)):
 
 
 def test_second_stage_fusion_starts_at_the_image_model_and_trains(small_split):
-    from skin_lesion_classifier.models.fusion import (
-        fusion_from_image_model,
-        train_fusion_head,
-    )
+    from skin_lesion_classifier.models.fusion import fusion_from_image_model
+    from skin_lesion_classifier.training.fusion import train_fusion_head
 
     torch.manual_seed(0)
     torch.set_num_threads(1)

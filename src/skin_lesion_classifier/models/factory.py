@@ -8,8 +8,10 @@ too and takes its pretrained weights from the Hugging Face hub when the hub can 
 :class:`PretrainedWeightsUnavailable` saying how to get them or how to train from scratch.
 
 Project aliases live in :data:`MODEL_ALIASES` (add more with :func:`register_alias`).
-A metadata-fusion head plugs in through :func:`register_fusion`: with ``metadata_dim`` set,
-the backbone is built without a classifier and handed to the registered builder.
+Metadata-fusion heads are listed in :data:`FUSION_BUILDERS` (the project's own,
+``models.fusion.build_concat_fusion``, is listed explicitly; add more with
+:func:`register_fusion`): with ``metadata_dim`` set, the backbone is built without a
+classifier and handed to the builder.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import torch
 from timm.data import resolve_data_config
 
 from skin_lesion_classifier.constants import CLASSES
+from skin_lesion_classifier.models.fusion import build_concat_fusion
 from skin_lesion_classifier.models.heads import HEADS
 from skin_lesion_classifier.models.offline_weights import (
     LITE_INPUT_NORM,
@@ -81,7 +84,10 @@ MODEL_ALIASES: dict[str, Alias] = {
 
 FusionBuilder = Callable[..., torch.nn.Module]
 #: Metadata-fusion head builders: ``builder(backbone, num_classes, metadata_dim, **kw)``.
-FUSION_BUILDERS: dict[str, FusionBuilder] = {}
+FUSION_BUILDERS: dict[str, FusionBuilder] = {
+    "default": build_concat_fusion,
+    "concat": build_concat_fusion,
+}
 
 
 class PretrainedWeightsUnavailable(RuntimeError):
@@ -329,9 +335,6 @@ def create_model(
         check_input_size(model, input_size, arch)
 
     if metadata_dim:
-        if fusion not in FUSION_BUILDERS:
-            with contextlib.suppress(ImportError):
-                import skin_lesion_classifier.models.fusion  # noqa: F401  (registers builders)
         if fusion not in FUSION_BUILDERS:
             raise NotImplementedError(
                 f"metadata_dim={metadata_dim} asks for a metadata-fusion head {fusion!r}, but "
