@@ -80,7 +80,7 @@ def mixed_folder(tmp_path_factory, samples_dir: Path) -> Path:
     rgba.save(folder / "alpha_copy.png")
     gray16 = (np.asarray(rgb.convert("L"), dtype=np.uint16) * 257).astype(np.uint16)
     Image.fromarray(gray16).save(folder / "gray16_copy.png")
-    (folder / ".hidden.jpg").write_bytes(data)  # hidden files are not inputs
+    (folder / ".hidden.jpg").write_bytes(data)  # hidden: listed as not predicted
     return folder
 
 
@@ -107,8 +107,7 @@ def test_predict_folder_mixing_good_and_corrupt_files(
 ) -> None:
     pred = load_predictor(checkpoint)
     paths = collect_inputs(mixed_folder)
-    assert ".hidden.jpg" not in [p.name for p in paths]
-    assert len(paths) == 26
+    assert len(paths) == 27
     predictions, errors = predict_files(pred, paths, batch_size=8)
 
     assert list(predictions.columns) == list(ISIC_CSV_COLUMNS)
@@ -132,7 +131,8 @@ def test_predict_folder_mixing_good_and_corrupt_files(
 
     assert list(errors.columns) == ["image", "reason"]
     reasons = {Path(r.image).name: r.reason for r in errors.itertuples()}
-    assert set(reasons) == {"truncated.jpg", "empty.jpg", "notes.txt"}
+    assert set(reasons) == {"truncated.jpg", "empty.jpg", "notes.txt", ".hidden.jpg"}
+    assert "hidden" in reasons[".hidden.jpg"]
     assert "truncated" in reasons["truncated.jpg"] and reasons[
         "truncated.jpg"
     ].startswith("truncated.jpg")
@@ -255,11 +255,12 @@ def test_cli_predict_writes_both_csvs(
     )
     assert rc == 0
     printed = capsys.readouterr().out
-    assert "predicted 23 image(s)" in printed and "unreadable 3 file(s)" in printed
+    assert "predicted 23 image(s)" in printed and "not predicted 4 input(s)" in printed
     preds = pd.read_csv(out)
     errors = pd.read_csv(tmp_path / "out" / "preds_errors.csv")
     assert list(preds.columns) == list(ISIC_CSV_COLUMNS) and len(preds) == 23
     assert sorted(Path(p).name for p in errors["image"]) == [
+        ".hidden.jpg",
         "empty.jpg",
         "notes.txt",
         "truncated.jpg",
@@ -282,6 +283,88 @@ def test_cli_predict_writes_both_csvs(
         == 2
     )
     assert "train first" in capsys.readouterr().err
+
+
+def test_every_input_is_predicted_or_listed_with_its_true_reason(
+    checkpoint: Path, samples_dir: Path, tmp_path: Path, monkeypatch
+) -> None:
+    import builtins
+    import errno
+    import os
+
+    folder = tmp_path / "inputs"
+    folder.mkdir()
+    originals = sorted((samples_dir / "images").glob("*.jpg"))[:3]
+    for p in originals:
+        shutil.copy(p, folder / p.name)
+    (folder / "gone.jpg").symlink_to(tmp_path / "deleted.jpg")  # dangling link
+    os.mkfifo(folder / "pipe.jpg")  # reading it would block forever
+    (folder / "sub").mkdir()
+    shutil.copy(originals[0], folder / "sub" / "nested.jpg")
+    locked = folder / "locked.jpg"
+    shutil.copy(originals[1], locked)
+    locked.chmod(0)
+    if os.geteuid() == 0:  # root reads mode-000 files: the OS refusal is simulated
+        real_open = builtins.open
+
+        def refusing_open(file, *args, **kwargs):
+            if str(file) == str(locked):
+                raise PermissionError(errno.EACCES, "Permission denied", str(file))
+            return real_open(file, *args, **kwargs)
+
+        monkeypatch.setattr(builtins, "open", refusing_open)
+    pred = load_predictor(checkpoint)
+
+    paths = collect_inputs(folder)
+    predictions, errors = predict_files(pred, paths, batch_size=2)
+    assert len(paths) == 7 == len(predictions) + len(errors)
+    assert sorted(predictions["image"]) == sorted(p.stem for p in originals)
+    reasons = {Path(r.image).name: r.reason for r in errors.itertuples()}
+    assert set(reasons) == {"gone.jpg", "pipe.jpg", "sub", "locked.jpg"}
+    assert "dangling symbolic link" in reasons["gone.jpg"]
+    assert "deleted.jpg" in reasons["gone.jpg"]
+    assert "FIFO" in reasons["pipe.jpg"]
+    assert "folder, not searched" in reasons["sub"]
+    assert "Permission denied" in reasons["locked.jpg"]
+    assert "corrupt" not in reasons["locked.jpg"]
+
+    # recursive: the sub-folder's picture replaces the folder
+    paths = collect_inputs(folder, recursive=True)
+    predictions, errors = predict_files(pred, paths, batch_size=2)
+    assert len(paths) == 7 == len(predictions) + len(errors)
+    assert "nested" in set(predictions["image"])
+    assert "sub" not in {Path(p).name for p in errors["image"]}
+
+
+def test_cli_predict_refuses_an_unwritable_output_before_any_work(
+    checkpoint: Path, mixed_folder: Path, tmp_path: Path, capsys, monkeypatch
+) -> None:
+    from skin_lesion_classifier.cli import main
+    from skin_lesion_classifier.inference import batch
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("predictions computed before the output was checked")
+
+    monkeypatch.setattr(batch, "predict_files", no_work)
+    args = ["predict", str(mixed_folder), "--model", str(checkpoint)]
+    existing = tmp_path / "existing_folder"
+    existing.mkdir()
+    assert main([*args, "--output", str(existing)]) == 2
+    err = capsys.readouterr().err
+    assert "--output" in err and "is an existing folder" in err
+    assert (
+        main([*args, "--output", str(tmp_path / "a.csv"), "--errors", str(existing)])
+        == 2
+    )
+    assert "--errors" in capsys.readouterr().err
+    blocker = tmp_path / "file.txt"
+    blocker.write_text("x")
+    assert main([*args, "--output", str(blocker / "sub" / "p.csv")]) == 2
+    assert "is a file, not a folder" in capsys.readouterr().err
+    same = str(tmp_path / "p.csv")
+    assert main([*args, "--output", same, "--errors", same]) == 2
+    assert "same file" in capsys.readouterr().err
+    assert not list(existing.iterdir())
 
 
 def test_inference_pipeline_runs_with_its_catalog_entries(
@@ -318,12 +401,12 @@ def test_inference_pipeline_runs_with_its_catalog_entries(
     result = SequentialRunner().run(pipeline, catalog)
     preds = pd.read_csv(tmp_path / "isic.csv")
     errors = pd.read_csv(tmp_path / "errors.csv")
-    assert len(preds) == 23 and len(errors) == 3
+    assert len(preds) == 23 and len(errors) == 4
     assert list(preds.columns) == list(ISIC_CSV_COLUMNS)
     metrics = result[
         "inference_metrics"
     ].load()  # free outputs come back as MemoryDatasets
-    assert metrics["inference_images_unreadable"]["value"] == 3.0
+    assert metrics["inference_images_unreadable"]["value"] == 4.0
     assert metrics["inference_images_predicted"]["value"] == 23.0
 
 

@@ -217,6 +217,12 @@ def cmd_predict(args: argparse.Namespace) -> int:
         read_metadata_csv,
     )
 
+    out = Path(args.output)
+    err = Path(args.errors) if args.errors else out.with_name(out.stem + "_errors.csv")
+    _check_output_file(out, "--output", "isic_predictions.csv")
+    _check_output_file(err, "--errors", "isic_predictions_errors.csv")
+    if out.resolve() == err.resolve():
+        raise ValueError(f"--output and --errors are the same file: {out}")
     inputs: Any = args.inputs[0] if len(args.inputs) == 1 else args.inputs
     paths = collect_inputs(inputs, recursive=args.recursive)
     metadata = read_metadata_csv(args.metadata) if args.metadata else None
@@ -228,8 +234,6 @@ def cmd_predict(args: argparse.Namespace) -> int:
     predictions, errors = predict_files(
         predictor, paths, batch_size=args.batch_size, metadata=metadata
     )
-    out = Path(args.output)
-    err = Path(args.errors) if args.errors else out.with_name(out.stem + "_errors.csv")
     out.parent.mkdir(parents=True, exist_ok=True)
     err.parent.mkdir(parents=True, exist_ok=True)
     predictions.to_csv(out, index=False, float_format="%.6f")
@@ -238,11 +242,30 @@ def cmd_predict(args: argparse.Namespace) -> int:
         f"model: {predictor.version} ({predictor.backend}); decision: {predictor.decision.as_dict()}"
     )
     _echo(f"predicted {len(predictions)} image(s) -> {out}")
-    _echo(f"unreadable {len(errors)} file(s) -> {err}")
+    _echo(f"not predicted {len(errors)} input(s), each with its reason -> {err}")
     for row in errors.itertuples():
         _echo(f"  {row.reason}")
     _echo(_metadata_summary(predictor, predictions, args.metadata))
     return 0
+
+
+def _check_output_file(path: Path, option: str, example: str) -> None:
+    """Stop before any work when ``path`` cannot be written as a file: an existing
+    folder, a missing folder below a file, or a folder without write permission."""
+    if path.is_dir():
+        raise ValueError(
+            f"{option} {path} is an existing folder; give a file name, e.g. "
+            f"{path / example}"
+        )
+    folder = path.parent
+    while not folder.exists():  # the first existing folder above: mkdir starts there
+        folder = folder.parent
+    if not folder.is_dir():
+        raise ValueError(f"{option} {path}: {folder} is a file, not a folder")
+    if not os.access(folder, os.W_OK | os.X_OK) or (
+        path.exists() and not os.access(path, os.W_OK)
+    ):
+        raise ValueError(f"{option} {path}: no permission to write there")
 
 
 def _metadata_summary(predictor: Any, predictions: Any, source: str | None) -> str:

@@ -80,6 +80,11 @@ def load_rgb(
             return to_rgb(ImageOps.exif_transpose(opened))
     except ImageDecodeError:
         raise
+    except (PermissionError, IsADirectoryError, FileNotFoundError) as exc:
+        # the file system refused the file: not a decoding problem
+        raise ImageDecodeError(
+            f"{label}: cannot read the file ({exc.strerror or exc})"
+        ) from exc
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
         raise ImageDecodeError(f"{label}: corrupt or truncated image ({exc})") from exc
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import os
+import stat
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -141,22 +142,19 @@ def metadata_for(
 def collect_inputs(
     inputs: str | os.PathLike | Iterable[str | os.PathLike], recursive: bool = False
 ) -> list[Path]:
-    """The files to predict: every regular, non-hidden file of a folder (sorted), or the
-    given list of paths as is.
+    """The inputs to predict: every entry of a folder (sorted; with ``recursive`` the
+    entries of its non-hidden sub-folders instead of the sub-folders), or the given list
+    of paths as is.
 
-    Files are not filtered by suffix: anything that does not decode lands in the errors
-    table with its reason rather than being skipped silently.
+    Nothing is filtered here: hidden entries, folders that are not searched, links to
+    nothing, FIFOs and files that do not decode all reach :func:`predict_files`, which lists
+    each in the errors table with its reason (:func:`input_problem`), so that every input
+    is either predicted or explained.
     """
     if isinstance(inputs, str | os.PathLike):
         root = Path(inputs)
         if root.is_dir():
-            pattern = "**/*" if recursive else "*"
-            files = [
-                p
-                for p in sorted(root.glob(pattern))
-                if p.is_file()
-                and not any(part.startswith(".") for part in p.relative_to(root).parts)
-            ]
+            files = _folder_entries(root, recursive)
             if not files:
                 raise FileNotFoundError(f"no files in {root}")
             return files
@@ -167,6 +165,70 @@ def collect_inputs(
     if not files:
         raise ValueError("the list of images to predict is empty")
     return files
+
+
+def _folder_entries(root: Path, recursive: bool) -> list[Path]:
+    """Sorted entries of ``root``; with ``recursive``, a readable non-hidden sub-folder
+    (also through a link, each real folder once) is replaced by its own entries."""
+    seen = {root.resolve()}
+    entries: list[Path] = []
+
+    def walk(folder: Path) -> None:
+        for entry in sorted(folder.iterdir()):
+            real = entry.resolve() if entry.is_dir() else None
+            if (
+                recursive
+                and real is not None
+                and real not in seen
+                and not entry.name.startswith(".")
+                and os.access(entry, os.R_OK | os.X_OK)
+            ):
+                seen.add(real)
+                walk(entry)
+            else:
+                entries.append(entry)
+
+    walk(root)
+    return entries
+
+
+def input_problem(path: Path) -> str | None:
+    """Why ``path`` is not an image file to decode (``"<name>: <reason>"``), or ``None``.
+
+    Hidden entries (name starting with ``.``), folders, links to nothing and special
+    files (FIFO, socket, device: reading them could block forever) are not read; a
+    regular file's problems (permission, format, truncation) are found by decoding it.
+    """
+    name = path.name
+    if name.startswith("."):
+        return f"{name}: hidden (name starts with '.'), not predicted"
+    if path.is_symlink() and not path.exists():
+        return (
+            f"{name}: dangling symbolic link (its target {os.readlink(path)} "
+            "does not exist)"
+        )
+    if not path.exists():
+        return f"{name}: file not found"
+    if path.is_dir():
+        if not os.access(path, os.R_OK | os.X_OK):
+            return f"{name}: a folder that cannot be listed (permission denied)"
+        return (
+            f"{name}: a folder, not searched (predict it with --recursive / "
+            "recursive: true, or name its files)"
+        )
+    if not path.is_file():
+        mode = path.stat().st_mode
+        kind = next((k for k, test in _SPECIAL_FILES if test(mode)), "special file")
+        return f"{name}: not a regular file ({kind}), not read"
+    return None
+
+
+_SPECIAL_FILES = (
+    ("FIFO / named pipe", stat.S_ISFIFO),
+    ("socket", stat.S_ISSOCK),
+    ("character device", stat.S_ISCHR),
+    ("block device", stat.S_ISBLK),
+)
 
 
 def image_ids(paths: Sequence[Path]) -> list[str]:
@@ -213,7 +275,8 @@ def predict_files(
     ``metadata`` column says so. An image-only model ignores it (a warning is logged).
 
     Returns ``(predictions, errors)``: the ISIC table for the readable pictures (input
-    order) and ``image, reason`` rows for the others. Memory stays bounded by the batch.
+    order) and ``image, reason`` rows for every other input (:func:`input_problem`, or
+    the decoding error), so that ``len(predictions) + len(errors) == len(paths)``. Memory stays bounded by the batch.
     """
     paths = [Path(p) for p in paths]
     ids = image_ids(paths)
@@ -243,6 +306,11 @@ def predict_files(
             batch_index.clear()
 
     for i, path in enumerate(paths):
+        problem = input_problem(path)
+        if problem is not None:
+            logger.warning("Not predicted: %s", problem)
+            errors.append({"image": str(path), "reason": problem})
+            continue
         try:
             batch.append(predictor.prepare(path, name=path.name))
             batch_index.append(i)
@@ -262,6 +330,11 @@ def predict_files(
         predictions["metadata"] = [status[i] for i in done]
         predictions["metadata_unknown"] = [unknown[i] for i in done]
     error_frame = pd.DataFrame(errors, columns=list(ERROR_COLUMNS))
+    if len(predictions) + len(error_frame) != len(paths):  # nothing may be lost
+        raise RuntimeError(
+            f"{len(paths)} inputs but {len(predictions)} predictions and "
+            f"{len(error_frame)} errors"
+        )
     logger.info(
         "Predicted %d images, %d unreadable", len(predictions), len(error_frame)
     )

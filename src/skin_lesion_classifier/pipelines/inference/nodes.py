@@ -19,8 +19,9 @@ logger = logging.getLogger(__name__)
 
 
 def list_inputs(params: dict[str, Any]) -> list[str]:
-    """The files to predict: ``params["input"]`` is a folder (every non-hidden file, sorted;
-    sub-folders with ``recursive: true``) or a list of files."""
+    """The inputs to predict: ``params["input"]`` is a folder (every entry, sorted;
+    sub-folders' entries with ``recursive: true``) or a list of files. Entries that are
+    not predicted go to the errors table with their reason."""
     return [
         str(p)
         for p in collect_inputs(
