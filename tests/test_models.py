@@ -214,3 +214,32 @@ def test_load_model_rejects_bad_files(tmp_path):
         save_checkpoint(
             tmp_path / "x.pt", create_model("test_efficientnet"), {"arch": "x"}
         )
+
+
+def test_new_head_starts_near_uniform_on_real_images(sample_images):
+    """A pretrained backbone with a new 7-class head starts at the neutral loss ln(7) on
+    real dermoscopy images; timm's own fan-out initialisation of that head starts far above
+    it (the confidently wrong start that a fine-tune otherwise has to undo)."""
+    from timm.models._efficientnet_builder import _init_weight_goog
+
+    labels = torch.arange(len(sample_images)) // 3  # 3 images per class, in class order
+    x = to_float_nchw(sample_images[:, ::2, ::2], [0.5] * 3, [0.5] * 3)
+    for kwargs in ({}, {"head": "multiscale", "head_kwargs": {"stages": [2, 3]}}):
+        model = create_model("efficientnet_lite0", pretrained=True, **kwargs).eval()
+        assert float(model.get_classifier().weight.detach().abs().max()) <= 0.02
+        assert float(model.get_classifier().bias.detach().abs().max()) == 0.0
+        with torch.no_grad():
+            loss = torch.nn.functional.cross_entropy(model(x), labels)
+        assert abs(float(loss) - math.log(len(CLASSES))) < 0.1, kwargs
+    model = create_model("efficientnet_lite0", pretrained=True).eval()
+    _init_weight_goog(model.get_classifier(), n="classifier")  # timm's fan-out U(+-1/sqrt(7))
+    with torch.no_grad():
+        loss = torch.nn.functional.cross_entropy(model(x), labels)
+    assert float(loss) > math.log(len(CLASSES)) + 0.5
+
+
+def test_fusion_heads_start_near_zero():
+    model = create_model("efficientnet_lite0", pretrained=True, metadata_dim=5)
+    for layer in (model.image_head[1], model.metadata_head):
+        assert float(layer.weight.detach().abs().max()) <= 0.02
+        assert float(layer.bias.detach().abs().max()) == 0.0

@@ -198,6 +198,25 @@ def test_loss_falls_and_best_checkpoint_reloads(tmp_path, cache, parts):
     assert np.allclose(p1, p2, atol=1e-6) and np.allclose(p1.sum(1), 1, atol=1e-5)
 
 
+def test_ema_warm_up_follows_the_optimizer_steps(cache, parts):
+    """The EMA that is evaluated forgets the starting weights within the first steps
+    (timm's warm-up needs the step count): with decay 0.9999 and one short epoch it moves
+    most of the way from the initial weights to the trained ones. Without the warm-up it
+    would stay at the initial weights (a few steps x 1e-4 of the way)."""
+    from skin_lesion_classifier.models.factory import create_model
+
+    torch.manual_seed(0)
+    init = create_model("test_efficientnet", input_size=SIZE).state_dict()
+    raw = _train(cache, parts, epochs=1, lr=1e-2).model.state_dict()
+    ema = _train(cache, parts, epochs=1, lr=1e-2, ema=True, ema_decay=0.9999)
+    ema_sd = ema.model.state_dict()
+    keys = [k for k, v in init.items() if v.is_floating_point() and "running" not in k]
+    moved = sum(float((ema_sd[k] - init[k]).norm()) for k in keys)
+    trained = sum(float((raw[k] - init[k]).norm()) for k in keys)
+    assert trained > 0
+    assert moved > 0.3 * trained
+
+
 def test_killed_run_resumes_at_the_next_epoch(tmp_path, cache, parts):
     class Killed(Exception):
         pass

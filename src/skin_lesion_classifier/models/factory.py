@@ -43,6 +43,10 @@ logger = logging.getLogger(__name__)
 MIN_INPUT_SIDE = 32
 #: Largest input side accepted (a guard against H/W typos such as 4500).
 MAX_INPUT_SIDE = 2048
+#: Standard deviation of a new classifier's weights (bias zero). timm's fan-out
+#: initialisation, U(+-1/sqrt(7)) for 7 classes, starts with logits of std ~3 and a loss of
+#: ~4.5; near-zero weights start at the neutral ln(7) = 1.95 while the gradients still flow.
+NEW_HEAD_STD = 0.01
 
 
 @dataclass(frozen=True)
@@ -331,6 +335,10 @@ def create_model(
         backbone = getattr(model, "backbone", model)
         backbone.pretrained_cfg = {**dict(backbone.pretrained_cfg), **LITE_INPUT_NORM}
 
+    backbone = getattr(model, "backbone", model)
+    imagenet_classes = dict(getattr(backbone, "pretrained_cfg", {}) or {}).get("num_classes")
+    if pretrained and (head is not None or num_classes != imagenet_classes):
+        init_new_classifier(model)  # a new head (random-init models keep timm's scheme)
     if input_size is not None and check_size:
         check_input_size(model, input_size, arch)
 
@@ -344,7 +352,35 @@ def create_model(
         model = FUSION_BUILDERS[fusion](
             model, num_classes, int(metadata_dim), **(fusion_kwargs or {})
         )
+        if pretrained:
+            init_new_classifier(model)
     return model
+
+
+def init_new_classifier(model: torch.nn.Module, std: float = NEW_HEAD_STD) -> None:
+    """Start the output layer(s) of a new head near zero (N(0, std) cut at 2 std, bias 0).
+
+    :func:`create_model` calls it when pretrained weights come with a new head (another
+    number of classes than the pretrained one, a project head or a fusion head): on
+    pretrained features a near-zero head is what a fine-tune should start from.
+    The output layers are ``model.get_classifier()`` (timm models and the multi-scale
+    head) and, for a metadata-fusion model, its image head's last linear layer and its
+    metadata head. A loaded checkpoint overwrites them; a new head then predicts nearly
+    uniform probabilities, so the initial loss is about ``ln(num_classes)``.
+    """
+    layers = []
+    if hasattr(model, "image_head_module") and hasattr(model, "metadata_head"):
+        image_head = model.image_head_module()
+        image_linears = [m for m in image_head.modules() if isinstance(m, torch.nn.Linear)]
+        layers += image_linears[-1:] + [model.metadata_head]
+    elif hasattr(model, "get_classifier"):
+        layers.append(model.get_classifier())
+    for layer in layers:
+        if isinstance(layer, torch.nn.Linear):
+            with torch.no_grad():
+                torch.nn.init.trunc_normal_(layer.weight, std=std, a=-2 * std, b=2 * std)
+                if layer.bias is not None:
+                    layer.bias.zero_()
 
 
 def resolve_preprocessing(model_or_arch: torch.nn.Module | str) -> dict[str, Any]:

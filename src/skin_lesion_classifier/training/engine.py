@@ -421,6 +421,9 @@ def train_model(
     criterion = build_loss(
         cfg.loss, counts, cfg.class_weight_power, cfg.label_smoothing, cfg.focal_gamma
     ).to(device)
+    # The warm-up needs the step: decay_t = min(ema_decay, 1 - (1 + t) ** -2/3), so the
+    # average forgets the starting weights within the first epochs (without the step timm
+    # applies ema_decay from step 1 and the new head's start lingers for many epochs).
     ema = (
         ModelEmaV3(trainable, decay=cfg.ema_decay, use_warmup=True) if cfg.ema else None
     )
@@ -518,6 +521,7 @@ def train_model(
 
     # ---- the loop
     t_start = time.perf_counter()
+    optimizer_steps = (start_epoch - 1) * steps_per_epoch
     stopped_early = False
     gen = torch.Generator()
     for epoch in range(start_epoch, cfg.epochs + 1):
@@ -560,8 +564,9 @@ def train_model(
                 optimizer.zero_grad(set_to_none=True)
                 if not per_epoch_sched:
                     scheduler.step()
+                optimizer_steps += 1
                 if ema is not None:
-                    ema.update(trainable)
+                    ema.update(trainable, step=optimizer_steps)
             # summed on the device: no host sync per step (that would stall a GPU)
             loss_sum = loss_sum + loss.detach().float() * len(y)
             seen += len(y)
