@@ -23,6 +23,7 @@ from skin_lesion_classifier.pipelines.ingestion.nodes import (
 PARAMS = {
     "min_age": 0,
     "max_age": 120,
+    "absent_columns": [],
     "workers": 2,
     "near_duplicate_min_correlation": 0.99,
     "known_duplicates": [["ISIC_0025226", "ISIC_0030074"]],
@@ -52,6 +53,36 @@ def test_missing_column_is_named(metadata_df):
         MetadataSchemaError, match=r"lacks required column\(s\) \['dx'\]"
     ):
         validate_metadata(metadata_df.rename(columns={"dx": "diagnosis"}))
+
+
+def test_misspelt_or_missing_optional_column_stops_with_its_close_match(metadata_df):
+    raw = metadata_df.head(20)
+    with pytest.raises(MetadataSchemaError, match=r"'age' \(close match: 'Age'\)"):
+        validate_metadata(raw.rename(columns={"age": "Age"}))
+    with pytest.raises(
+        MetadataSchemaError, match=r"'localization' \(close match: 'locaton'\)"
+    ):
+        validate_metadata(raw.rename(columns={"localization": "locaton"}))
+    with pytest.raises(
+        MetadataSchemaError, match=r"lacks column\(s\) 'dx_type'; .*absent_columns"
+    ):
+        validate_metadata(raw.drop(columns=["dx_type"]))
+    with pytest.raises(MetadataSchemaError, match="not optional columns"):
+        validate_metadata(raw, absent_columns=["dx"])
+    # absent on purpose: accepted, filled as unknown, listed once and in the report
+    no_type = raw.drop(columns=["dx_type"])
+    clean, issues = validate_metadata(no_type, absent_columns=["dx_type"])
+    assert len(clean) == 20 and set(clean.dx_type) == {"unknown"}
+    assert len(issues) == 1 and issues.field.iloc[0] == "dx_type"
+    assert "absent on purpose" in issues.reason.iloc[0]
+    index = clean.assign(lesion_id=clean.lesion_id, group_id=clean.lesion_id,
+                         width=600, height=450)  # fmt: skip
+    report, _, _ = summarize_data_quality(
+        no_type, issues, issues.iloc[:0], index, pd.DataFrame(
+            columns=["image_a", "image_b", "lesion_a", "lesion_b", "kind"]),
+    )  # fmt: skip
+    assert report["absent_columns"] == ["dx_type"]
+    assert any("dx_type absent on purpose" in k for k in report["issues_by_reason"])
 
 
 def test_bad_rows_are_listed_not_lost(metadata_df):
@@ -187,7 +218,7 @@ def test_ingestion_nodes_on_both_release_parts(raw_two_parts):
 
     metadata, meta_issues = validate_metadata_node(raw_meta, PARAMS)
     checks = check_image_files(files, PARAMS)
-    index, issues, dups = build_image_index(metadata, checks, PARAMS)
+    index, issues, dups = build_image_index(metadata, meta_issues, checks, PARAMS)
     report, all_issues, metrics = summarize_data_quality(
         raw_meta, meta_issues, issues, index, dups
     )
@@ -218,3 +249,21 @@ def test_ingestion_nodes_on_both_release_parts(raw_two_parts):
     }
     assert metrics["usable_images"]["value"] == 24.0
     assert orphan  # the orphan image exists on disk
+
+
+def test_image_of_a_rejected_row_is_listed_once_with_the_rows_reason(raw_two_parts):
+    raw_meta = pd.read_csv(raw_two_parts / "HAM10000_metadata.csv")
+    victim = raw_meta.image_id.iloc[0]
+    raw_meta.loc[0, "dx"] = "melanoma"  # the row is rejected; its image file exists
+    metadata, meta_issues = validate_metadata_node(raw_meta, PARAMS)
+    checks = check_image_files(find_image_files(raw_two_parts), PARAMS)
+    index, image_issues, dups = build_image_index(metadata, meta_issues, checks, PARAMS)
+    _, all_issues, _ = summarize_data_quality(
+        raw_meta, meta_issues, image_issues, index, dups
+    )
+    listed = all_issues[all_issues.image_id == victim]
+    assert len(listed) == 1, listed.reason.tolist()
+    assert "unknown class code 'melanoma'" in listed.reason.iloc[0]
+    assert victim not in set(index.image_id)
+    # the image that truly has no row is still listed as such
+    assert (all_issues.reason.str.contains("no metadata row")).sum() == 1

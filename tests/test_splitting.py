@@ -40,9 +40,11 @@ def full_index(ham10000_dir, metadata_df):
     ``known_duplicates`` is left empty: the detector must find the cross-lesion pair itself."""
     from skin_lesion_classifier.data.metadata import validate_metadata
 
-    metadata, _ = validate_metadata(metadata_df)
+    metadata, meta_issues = validate_metadata(metadata_df)
     checks = check_image_files(find_image_files(ham10000_dir / "images"), INGEST_PARAMS)
-    index, issues, dups = build_image_index(metadata, checks, INGEST_PARAMS)
+    index, issues, dups = build_image_index(
+        metadata, meta_issues, checks, INGEST_PARAMS
+    )
     assert issues.empty and len(index) == 10015
     return index, dups
 

@@ -6,13 +6,17 @@ it repairs, is listed in the returned issues frame with its reason.
 
 from __future__ import annotations
 
+import difflib
+from collections.abc import Collection
+
 import pandas as pd
 
 from skin_lesion_classifier.constants import CLASS_TO_INDEX, CLASSES
 
 #: Columns without which the metadata cannot be used.
 REQUIRED_COLUMNS: tuple[str, ...] = ("lesion_id", "image_id", "dx")
-#: Columns of the original file that are filled in when absent.
+#: Columns of the original file that may be left out on purpose (``absent_columns``):
+#: every row's value is then this one (unknown). Absent without saying so, they stop the run.
 OPTIONAL_COLUMNS: dict[str, object] = {
     "dx_type": "unknown",
     "age": float("nan"),
@@ -60,14 +64,57 @@ def _issue(severity, image_id, lesion_id, field, value, reason) -> dict:
     }
 
 
-def check_schema(metadata: pd.DataFrame, source: str = "metadata CSV") -> None:
-    """Raise :class:`MetadataSchemaError` naming every missing required column."""
+def close_match(name: str, columns: Collection[str]) -> str | None:
+    """The column of ``columns`` that looks like a misspelling of ``name`` (case-insensitive
+    ``difflib`` ratio at least 0.6; columns of the schema itself are not candidates)."""
+    known = set(REQUIRED_COLUMNS) | set(OPTIONAL_COLUMNS)
+    candidates = {c.lower(): c for c in columns if c not in known}
+    hits = difflib.get_close_matches(name.lower(), list(candidates), n=1, cutoff=0.6)
+    return candidates[hits[0]] if hits else None
+
+
+def _missing(names: list[str], columns: list[str]) -> str:
+    """``'age' (close match: 'Age')`` for each missing column."""
+    parts = []
+    for name in names:
+        match = close_match(name, columns)
+        parts.append(f"{name!r}" + (f" (close match: {match!r})" if match else ""))
+    return ", ".join(parts)
+
+
+def check_schema(
+    metadata: pd.DataFrame,
+    source: str = "metadata CSV",
+    absent_columns: Collection[str] = (),
+) -> None:
+    """Raise :class:`MetadataSchemaError` naming every missing column and its close match.
+
+    A missing optional column (:data:`OPTIONAL_COLUMNS`) is accepted only when
+    ``absent_columns`` names it: a misspelt ``Age`` must not silently make every age unknown.
+    """
     columns = [str(c).strip() for c in metadata.columns]
+    schema = list(REQUIRED_COLUMNS) + list(OPTIONAL_COLUMNS)
+    unknown = sorted(set(absent_columns) - set(OPTIONAL_COLUMNS))
+    if unknown:
+        raise MetadataSchemaError(
+            f"absent_columns names {unknown}, which are not optional columns; only "
+            f"{list(OPTIONAL_COLUMNS)} may be absent"
+        )
     missing = [c for c in REQUIRED_COLUMNS if c not in columns]
     if missing:
         raise MetadataSchemaError(
-            f"{source} lacks required column(s) {missing}; found columns {columns}. "
-            f"A HAM10000 metadata file has {list(REQUIRED_COLUMNS) + list(OPTIONAL_COLUMNS)}."
+            f"{source} lacks required column(s) {missing}: {_missing(missing, columns)}; "
+            f"found columns {columns}. A HAM10000 metadata file has {schema}."
+        )
+    missing = [
+        c for c in OPTIONAL_COLUMNS if c not in columns and c not in absent_columns
+    ]
+    if missing:
+        raise MetadataSchemaError(
+            f"{source} lacks column(s) {_missing(missing, columns)}; found columns "
+            f"{columns}. Rename a misspelt column, or, if the file has no such column on "
+            "purpose, list it in the ingestion parameter absent_columns (every row's "
+            "value is then unknown)."
         )
     if len(metadata) == 0:
         raise MetadataSchemaError(f"{source} has no rows")
@@ -78,6 +125,7 @@ def validate_metadata(
     min_age: float = 0.0,
     max_age: float = 120.0,
     source: str = "metadata CSV",
+    absent_columns: Collection[str] = (),
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Validate and normalise HAM10000 metadata.
 
@@ -87,16 +135,23 @@ def validate_metadata(
     conflicting duplicate rows) and the values repaired (``severity == "warning"``: an age out of
     ``[min_age, max_age]`` or not a number becomes blank, an unknown sex becomes ``unknown``,
     an exact duplicate row is kept once, a missing lesion id makes the image its own lesion).
+    A missing column stops the run (:func:`check_schema`) unless ``absent_columns`` names
+    it; such a column is filled as unknown and listed once as a warning.
     """
-    check_schema(metadata, source)
+    check_schema(metadata, source, absent_columns)
     df = metadata.reset_index(drop=True)  # row labels must be unique below
     df.columns = [str(c).strip() for c in df.columns]
+    issues: list[dict] = []
     for col, default in OPTIONAL_COLUMNS.items():
         if col not in df.columns:
             df[col] = default
+            issues.append(
+                _issue("warning", None, None, col, None,
+                       f"column {col} absent on purpose (absent_columns): every "
+                       f"row's {col} is unknown")
+            )  # fmt: skip
     df = df[list(REQUIRED_COLUMNS) + list(OPTIONAL_COLUMNS)].copy()
     df["_row"] = range(2, len(df) + 2)  # line number in the CSV (header is line 1)
-    issues: list[dict] = []
 
     for col in ("lesion_id", "image_id", "dx", "dx_type", "sex", "localization"):
         df[col] = df[col].astype("string").str.strip()

@@ -16,6 +16,7 @@ from skin_lesion_classifier.data.discovery import (
 from skin_lesion_classifier.data.metadata import (
     CLEAN_COLUMNS,
     ISSUE_COLUMNS,
+    OPTIONAL_COLUMNS,
     validate_metadata,
 )
 
@@ -42,6 +43,7 @@ def validate_metadata_node(
         min_age=params["min_age"],
         max_age=params["max_age"],
         source="HAM10000 metadata (raw_metadata)",
+        absent_columns=params["absent_columns"],
     )
     logger.info("metadata: %d usable rows, %d issues", len(clean), len(issues))
     return clean, issues
@@ -102,12 +104,17 @@ def _issues(
 
 
 def build_image_index(
-    metadata: pd.DataFrame, image_checks: pd.DataFrame, params: dict[str, Any]
+    metadata: pd.DataFrame,
+    metadata_issues: pd.DataFrame,
+    image_checks: pd.DataFrame,
+    params: dict[str, Any],
 ) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
     """Join validated metadata with decoded images into the clean ``image_index``.
 
     Returns ``(image_index, image_issues, duplicates)``. Rows without a readable image, and
-    images without a metadata row, are issues. Images with the same SHA-256, or whose grey-level
+    images without a metadata row, are issues; an image whose row was rejected
+    (``metadata_issues``) is already listed there with the row's reason, and not again.
+    Images with the same SHA-256, or whose grey-level
     thumbnails correlate at ``near_duplicate_min_correlation`` or more, share a
     ``duplicate_group``; ``group_id`` joins lesions linked by such duplicates, so that the
     splitter keeps them on one side.
@@ -126,9 +133,11 @@ def build_image_index(
     unreadable = merged[(merged["_merge"] == "both") & (~merged["ok"].astype(bool))]
     if len(unreadable):
         issues.append(_issues("images", "error", unreadable))
-    orphans = image_checks[~image_checks["image_id"].isin(metadata["image_id"])].assign(
-        reason="image file has no metadata row (not labelled); not used"
-    )
+    rejected = metadata_issues.loc[metadata_issues["severity"] == "error", "image_id"]
+    orphans = image_checks[
+        ~image_checks["image_id"].isin(metadata["image_id"])
+        & ~image_checks["image_id"].isin(rejected.dropna())
+    ].assign(reason="image file has no metadata row (not labelled); not used")
     if len(orphans):
         issues.append(_issues("images", "warning", orphans))
     repeated = image_checks[image_checks.duplicated("image_id", keep="first")]
@@ -225,7 +234,11 @@ def summarize_data_quality(
     image_index: pd.DataFrame,
     duplicates: pd.DataFrame,
 ) -> tuple[dict[str, Any], pd.DataFrame, dict[str, Any]]:
-    """The data-quality report (JSON), the full issue list (CSV) and figures for MLflow."""
+    """The data-quality report (JSON), the full issue list (CSV) and figures for MLflow.
+
+    ``absent_columns`` lists the optional metadata columns the file leaves out (accepted
+    only when the ``absent_columns`` parameter names them; their values are unknown)."""
+    raw_columns = {str(c).strip() for c in raw_metadata.columns}
     issues = pd.concat([metadata_issues, image_issues], ignore_index=True)
     errors = issues[issues["severity"] == "error"]
     cross = (
@@ -235,6 +248,7 @@ def summarize_data_quality(
     )
     report = {
         "metadata_rows": len(raw_metadata),
+        "absent_columns": [c for c in OPTIONAL_COLUMNS if c not in raw_columns],
         "usable_images": len(image_index),
         "lesions": int(image_index["lesion_id"].nunique()),
         "split_groups": int(image_index["group_id"].nunique()),

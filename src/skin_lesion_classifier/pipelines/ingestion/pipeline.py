@@ -27,7 +27,12 @@ def create_pipeline(**kwargs) -> Pipeline:
             ),
             Node(
                 build_image_index,
-                ["metadata_validated", "image_checks", "params:ingestion"],
+                [
+                    "metadata_validated",
+                    "metadata_issues",
+                    "image_checks",
+                    "params:ingestion",
+                ],
                 ["image_index", "image_issues", "duplicate_pairs"],
                 name="build_image_index",
             ),
