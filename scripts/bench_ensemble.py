@@ -44,15 +44,14 @@ from skin_lesion_classifier.data.metadata_features import with_metadata
 from skin_lesion_classifier.data.splitting import stratified_group_split
 from skin_lesion_classifier.evaluation.ensemble import (
     average_probabilities,
-    build_ensemble_checkpoint,
     compare_models,
     fit_weights,
-    load_any_model,
 )
 from skin_lesion_classifier.evaluation.evaluate import predictions_frame
 from skin_lesion_classifier.evaluation.metrics import balanced_accuracy
 from skin_lesion_classifier.inference.predict import predict_proba
-from skin_lesion_classifier.models.checkpoint import make_checkpoint
+from skin_lesion_classifier.models.checkpoint import load_model, make_checkpoint
+from skin_lesion_classifier.models.ensemble_checkpoint import build_ensemble_checkpoint
 from skin_lesion_classifier.models.factory import create_model, resolve_preprocessing
 from skin_lesion_classifier.models.fusion import proba_from_features
 from skin_lesion_classifier.training.engine import extract_features
@@ -226,7 +225,7 @@ def main(argv: list[str] | None = None) -> dict:
     ens = build_ensemble_checkpoint(
         [(n, ckpts[n]) for n in names], [weights["ensemble_meta"][n] for n in names]
     )
-    ens_model, ens_meta = load_any_model(ens)
+    ens_model, ens_meta = load_model(ens)
     few = parts["test"].head(16)
     from skin_lesion_classifier.data.images import load_resized
     from skin_lesion_classifier.data.metadata_features import metadata_inputs

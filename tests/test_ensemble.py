@@ -11,19 +11,20 @@ from skin_lesion_classifier.constants import CLASSES
 from skin_lesion_classifier.data.images import load_resized
 from skin_lesion_classifier.data.metadata_features import MetadataEncoder
 from skin_lesion_classifier.evaluation.ensemble import (
-    ENSEMBLE_ARCH,
-    build_ensemble_checkpoint,
     ensemble_predictions,
     fit_weights,
-    load_any_model,
-    load_ensemble,
-    save_ensemble,
     simplex_grid,
 )
 from skin_lesion_classifier.evaluation.evaluate import predictions_frame
 from skin_lesion_classifier.evaluation.metrics import log_loss
 from skin_lesion_classifier.inference.predict import predict_proba
 from skin_lesion_classifier.models.checkpoint import load_model, make_checkpoint
+from skin_lesion_classifier.models.ensemble import ENSEMBLE_ARCH
+from skin_lesion_classifier.models.ensemble_checkpoint import (
+    build_ensemble_checkpoint,
+    load_ensemble,
+    save_ensemble,
+)
 from skin_lesion_classifier.models.factory import create_model
 from tests.conftest import catalog_section
 
@@ -121,7 +122,7 @@ def test_ensemble_checkpoint_equals_weighted_average_of_members(
     assert meta["metadata_encoder"] == enc.to_dict()
     path = tmp_path / "ensemble.pt"
     save_ensemble(path, ck)
-    model, meta2 = load_any_model(path)
+    model, meta2 = load_model(path)
     rows = small_split[small_split.split == "test"]
     x_meta = MetadataEncoder.from_dict(meta2["metadata_encoder"]).transform(rows)
     images = np.stack([load_resized(p, tuple(meta2["input_size"])) for p in rows.path])
@@ -297,7 +298,7 @@ def test_ensemble_pipeline_end_to_end(ensemble_run):
     assert combine["val"]["log_loss"] <= combine["val_uniform"]["log_loss"] + 1e-9
     # the saved ensemble is one checkpoint the shared loader rebuilds, and it reproduces
     # the ensemble's test predictions from the images and the patients' metadata
-    model, meta = load_any_model(out / "data/06_models/ensemble/ensemble.pt")
+    model, meta = load_model(out / "data/06_models/ensemble/ensemble.pt")
     assert meta["arch"] == ENSEMBLE_ARCH and meta["uses_metadata"]
     test_rows = split[split.split == "test"].reset_index(drop=True)
     pred = pd.read_parquet(
@@ -310,7 +311,7 @@ def test_ensemble_pipeline_end_to_end(ensemble_run):
     x_meta = MetadataEncoder.from_dict(meta["metadata_encoder"]).transform(test_rows)
     p = predict_proba(model, imgs, meta["mean"], meta["std"], extra_inputs=x_meta)
     np.testing.assert_allclose(p, pred.filter(like="prob_").to_numpy(), atol=1e-4)
-    image_model, image_meta = load_any_model(
+    image_model, image_meta = load_model(
         out / "data/06_models/ensemble/ensemble_image.pt"
     )
     assert not image_meta["uses_metadata"]

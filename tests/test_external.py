@@ -156,7 +156,7 @@ def test_external_pipeline_reports_an_ensemble_with_the_gaps_listed(
     from kedro.runner import SequentialRunner
     from sklearn.metrics import balanced_accuracy_score
 
-    from skin_lesion_classifier.evaluation.ensemble import (
+    from skin_lesion_classifier.models.ensemble_checkpoint import (
         build_ensemble_checkpoint,
         save_ensemble,
     )

@@ -18,10 +18,6 @@ from skin_lesion_classifier.constants import CLASSES
 from skin_lesion_classifier.data.images import load_resized, load_rgb
 from skin_lesion_classifier.data.metadata_features import MetadataEncoder
 from skin_lesion_classifier.data.transforms import to_float_nchw
-from skin_lesion_classifier.evaluation.ensemble import (
-    build_ensemble_checkpoint,
-    save_ensemble,
-)
 from skin_lesion_classifier.evaluation.evaluate import PROB_COLUMNS
 from skin_lesion_classifier.inference.batch import ISIC_CSV_COLUMNS
 from skin_lesion_classifier.inference.predictor import load_predictor
@@ -29,6 +25,10 @@ from skin_lesion_classifier.models.checkpoint import (
     load_model,
     make_checkpoint,
     save_checkpoint,
+)
+from skin_lesion_classifier.models.ensemble_checkpoint import (
+    build_ensemble_checkpoint,
+    save_ensemble,
 )
 from skin_lesion_classifier.models.factory import create_model
 

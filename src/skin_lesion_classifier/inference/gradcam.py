@@ -7,7 +7,7 @@ The target layer is found generically: the last feature stage that timm reports 
 * **Metadata-fusion models** are explained along the image path with the patient's
   metadata held fixed: :class:`FixedMetadata` wraps the model so that ``forward(images)``
   closes over the encoded metadata vector, which is what the library calls.
-* **Ensembles** (:class:`evaluation.ensemble.EnsembleModel`): the target is the weighted
+* **Ensembles** (:class:`models.ensemble.EnsembleModel`): the target is the weighted
   ensemble's output (``log sum_m w_m p_m``) and the map is the weight-averaged Grad-CAM of
   every member's last feature stage, ``sum_m w_m cam_m / sum_m w_m`` (each ``cam_m`` scaled to
   ``[0, 1]`` by the library). One backward pass per member: the library pairs activations

@@ -8,7 +8,6 @@ with no network access: ``arch``, ``model_kwargs``, ``classes``, ``input_size`` 
 
 from __future__ import annotations
 
-import importlib
 import os
 import tempfile
 from collections.abc import Mapping
@@ -18,6 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from skin_lesion_classifier.models.ensemble import build_ensemble, is_ensemble
 from skin_lesion_classifier.models.factory import create_model
 
 REQUIRED_META = ("arch", "classes", "input_size", "mean", "std")
@@ -167,17 +167,15 @@ def read_checkpoint(
     return ckpt
 
 
-#: Project architectures registered with timm by modules outside ``models/``; imported on
-#: demand so that ``load_model`` rebuilds them in any process (CLI, service, pyfunc).
-ARCH_MODULES: dict[str, str] = {
-    "slc_ensemble": "skin_lesion_classifier.evaluation.ensemble"
-}
-
-
 def build_from_meta(meta: Mapping[str, Any]) -> torch.nn.Module:
-    """An untrained model of the architecture described by ``meta`` (no network)."""
-    if meta.get("arch") in ARCH_MODULES:
-        importlib.import_module(ARCH_MODULES[meta["arch"]])
+    """An untrained model of the architecture described by ``meta`` (no network).
+
+    An ensemble (``arch == models.ensemble.ENSEMBLE_ARCH``) is built by
+    :func:`~skin_lesion_classifier.models.ensemble.build_ensemble` from its members'
+    metas; every other ``arch`` by the factory."""
+    if is_ensemble(meta):
+        kwargs = dict(meta.get("model_kwargs") or {})
+        return build_ensemble(len(meta["classes"]), build_from_meta, **kwargs)
     kwargs = dict(meta.get("model_kwargs") or {})
     for key in ("pretrained", "allow_random_init", "num_classes", "input_size"):
         kwargs.pop(key, None)

@@ -22,11 +22,9 @@ from skin_lesion_classifier.data.metadata_features import (
 )
 from skin_lesion_classifier.device import detect_device
 from skin_lesion_classifier.evaluation.ensemble import (
-    build_ensemble_checkpoint,
     compare_models,
     ensemble_predictions,
     fit_weights,
-    load_any_model,
 )
 from skin_lesion_classifier.evaluation.evaluate import (
     predictions_frame,
@@ -35,7 +33,8 @@ from skin_lesion_classifier.evaluation.evaluate import (
 )
 from skin_lesion_classifier.evaluation.metrics import balanced_accuracy
 from skin_lesion_classifier.evaluation.report import fmt, to_jsonable
-from skin_lesion_classifier.models.checkpoint import read_checkpoint
+from skin_lesion_classifier.models.checkpoint import load_model, read_checkpoint
+from skin_lesion_classifier.models.ensemble_checkpoint import build_ensemble_checkpoint
 from skin_lesion_classifier.models.fusion import proba_from_features
 from skin_lesion_classifier.pipelines.evaluation.nodes import predict_split
 from skin_lesion_classifier.training.fusion import fusion_features, train_fusion_head
@@ -114,7 +113,7 @@ def train_member_fusion(
     Returns the fusion checkpoint, its per-epoch history, and the control's validation
     and test predictions (to measure the gain from metadata alone)."""
     device = detect_device(params.get("predict", {}).get("device", "auto"))
-    model, meta = load_any_model(model_checkpoint, device)
+    model, meta = load_model(model_checkpoint, device)
     cfg = dict(params.get("fusion", {}))
     rows = {
         s: with_metadata(split_rows(split_assignment, s), image_index)

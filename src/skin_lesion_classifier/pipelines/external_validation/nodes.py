@@ -19,7 +19,6 @@ from skin_lesion_classifier.data.metadata_features import metadata_inputs
 from skin_lesion_classifier.device import detect_device
 from skin_lesion_classifier.evaluation import plots
 from skin_lesion_classifier.evaluation.decision import DecisionRule
-from skin_lesion_classifier.evaluation.ensemble import load_any_model
 from skin_lesion_classifier.evaluation.evaluate import (
     evaluate_split,
     predictions_frame,
@@ -36,7 +35,7 @@ from skin_lesion_classifier.evaluation.report import (
     to_jsonable,
 )
 from skin_lesion_classifier.inference.predict import predict_proba
-from skin_lesion_classifier.models.checkpoint import read_checkpoint
+from skin_lesion_classifier.models.checkpoint import load_model, read_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -87,7 +86,7 @@ def predict_external(rows: pd.DataFrame, params: Mapping[str, Any]) -> pd.DataFr
             "run) or an ensemble (kedro run --pipelines ensemble) first, or point it at one"
         )
     device = detect_device(params.get("device", "auto"))
-    model, meta = load_any_model(path, device)
+    model, meta = load_model(path, device)
     if list(meta["classes"]) != list(CLASSES):
         raise ValueError(f"model classes {meta['classes']} differ from {list(CLASSES)}")
     size = tuple(meta["input_size"])
