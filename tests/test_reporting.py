@@ -11,11 +11,11 @@ import pandas as pd
 import pytest
 
 from skin_lesion_classifier.constants import CLASSES
-from skin_lesion_classifier.evaluation import plots
 from skin_lesion_classifier.evaluation.decision import DecisionRule
 from skin_lesion_classifier.evaluation.evaluate import evaluate_split
 from skin_lesion_classifier.evaluation.metrics import f1_vs_training_size
-from skin_lesion_classifier.evaluation.report import (
+from skin_lesion_classifier.reporting import plots
+from skin_lesion_classifier.reporting.report import (
     build_markdown,
     data_summary,
     figure_png,

@@ -30,9 +30,9 @@ from skin_lesion_classifier.evaluation.evaluate import (
     train_counts_from,
 )
 from skin_lesion_classifier.evaluation.metrics import f1_vs_training_size
-from skin_lesion_classifier.evaluation.report import headline_rows, to_jsonable
 from skin_lesion_classifier.inference.predict import predict_proba
 from skin_lesion_classifier.models.checkpoint import load_model, read_checkpoint
+from skin_lesion_classifier.reporting.report import headline_rows, to_jsonable
 
 logger = logging.getLogger(__name__)
 

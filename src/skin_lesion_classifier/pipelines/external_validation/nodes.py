@@ -17,7 +17,6 @@ from skin_lesion_classifier.constants import CLASSES
 from skin_lesion_classifier.data.images import load_resized
 from skin_lesion_classifier.data.metadata_features import metadata_inputs
 from skin_lesion_classifier.device import detect_device
-from skin_lesion_classifier.evaluation import plots
 from skin_lesion_classifier.evaluation.decision import DecisionRule
 from skin_lesion_classifier.evaluation.evaluate import (
     evaluate_split,
@@ -25,7 +24,10 @@ from skin_lesion_classifier.evaluation.evaluate import (
     probabilities_of,
 )
 from skin_lesion_classifier.evaluation.external import issue_summary, read_external_set
-from skin_lesion_classifier.evaluation.report import (
+from skin_lesion_classifier.inference.predict import predict_proba
+from skin_lesion_classifier.models.checkpoint import load_model, read_checkpoint
+from skin_lesion_classifier.reporting import plots
+from skin_lesion_classifier.reporting.report import (
     figure_png,
     fmt,
     fmt_ci,
@@ -34,8 +36,6 @@ from skin_lesion_classifier.evaluation.report import (
     png_data_uri,
     to_jsonable,
 )
-from skin_lesion_classifier.inference.predict import predict_proba
-from skin_lesion_classifier.models.checkpoint import load_model, read_checkpoint
 
 logger = logging.getLogger(__name__)
 

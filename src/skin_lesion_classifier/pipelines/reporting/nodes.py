@@ -16,9 +16,9 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from skin_lesion_classifier.constants import CLASSES
-from skin_lesion_classifier.evaluation import plots
 from skin_lesion_classifier.evaluation.evaluate import probabilities_of
-from skin_lesion_classifier.evaluation.report import (
+from skin_lesion_classifier.reporting import plots
+from skin_lesion_classifier.reporting.report import (
     FIGURE_CAPTIONS,
     build_markdown,
     data_summary,
