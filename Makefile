@@ -10,12 +10,20 @@ KEDRO_ENV ?= $(shell $(BIN)/python -c "import torch; print('local' if torch.cuda
 HOST ?= 127.0.0.1
 PORT ?= 8000
 MODEL ?= data/06_models/model.pt
+# train-resnet/-vit/-swin: only the EfficientNet-Lite models have offline weights; the others
+# need hub weights (online) or ALLOW_RANDOM_INIT=1 (train from scratch).
+ALLOW_RANDOM_INIT ?= 0
+COMMA := ,
+RANDOM_INIT_PARAMS = $(if $(filter 1 true yes,$(ALLOW_RANDOM_INIT)),$(COMMA)training.train.pretrained=false$(COMMA)training.train.allow_random_init=true)
+TRAIN_PIPELINES := ingestion,splitting,model_input,training
 
 .PHONY: help setup data run train quick-train evaluate test lint viz mlflow-ui show-results serve \
-        serve-dev api-docs predict export-onnx bench-train bench-inference ensemble cross-validation clean
+        serve-dev api-docs predict export-onnx bench-train bench-inference ensemble cross-validation clean \
+        info check-gpu dataset-info train-efficientnet train-resnet train-vit train-swin train-ensemble \
+        analyze visualize notebook format type-check pre-commit dev viz-build clean-logs clean-all
 
 help:  ## list the commands
-	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN{FS=":.*?## "}{printf "  make %-16s %s\n", $$1, $$2}'
+	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN{FS=":.*?## "}{printf "  make %-20s %s\n", $$1, $$2}'
 
 $(BIN)/kedro: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -84,3 +92,61 @@ bench-inference: setup  ## CPU latency/throughput of PyTorch and ONNX Runtime, s
 clean:  ## remove pipeline outputs (keeps data/01_raw and the MLflow store)
 	find data/02_intermediate data/03_primary data/04_feature data/05_model_input data/06_models \
 	     data/07_model_output data/08_reporting -type f ! -name .gitkeep -delete
+
+info: setup  ## versions, device, data present, latest model and MLflow run
+	$(BIN)/python -m skin_lesion_classifier.workbench info --env $(KEDRO_ENV)
+
+check-gpu: setup  ## CUDA / MPS / CPU, and what `make run` would choose (AMP, data path)
+	$(BIN)/python -m skin_lesion_classifier.workbench check-gpu
+
+dataset-info: setup  ## class and lesion counts (and split sizes) from the ingestion outputs
+	$(BIN)/python -m skin_lesion_classifier.workbench dataset-info --env $(KEDRO_ENV)
+
+train-efficientnet: setup  ## train EfficientNet-Lite0 (offline ImageNet weights)
+	$(KEDRO) run --env $(KEDRO_ENV) --pipelines $(TRAIN_PIPELINES) --params "training.train.arch=tf_efficientnet_lite0$(RANDOM_INIT_PARAMS)"
+
+train-resnet: setup  ## train ResNet-50 with SE attention (hub weights, or ALLOW_RANDOM_INIT=1)
+	$(KEDRO) run --env $(KEDRO_ENV) --pipelines $(TRAIN_PIPELINES) --params "training.train.arch=resnet50_attention$(RANDOM_INIT_PARAMS)"
+
+train-vit: setup  ## train ViT-S/16 at the config's input size (hub weights, or ALLOW_RANDOM_INIT=1)
+	$(KEDRO) run --env $(KEDRO_ENV) --pipelines $(TRAIN_PIPELINES) --params "training.train.arch=vit_small$(RANDOM_INIT_PARAMS)"
+
+train-swin: setup  ## train Swin-T with timm's own head (hub weights, or ALLOW_RANDOM_INIT=1)
+	$(KEDRO) run --env $(KEDRO_ENV) --pipelines $(TRAIN_PIPELINES) --params "training.train.arch=swin_tiny,training.train.model_kwargs.head=null$(RANDOM_INIT_PARAMS)"
+
+train-ensemble: ensemble  ## the same as `make ensemble`
+
+analyze: setup  ## the evaluation pipeline on the latest model (metrics, predictions)
+	$(KEDRO) run --env $(KEDRO_ENV) --pipelines evaluation
+
+visualize: setup  ## the reporting pipeline (figures + report) from the latest evaluation
+	$(KEDRO) run --env $(KEDRO_ENV) --pipelines reporting
+
+notebook: setup  ## Jupyter with the Kedro kernel (catalog, context, session) in notebooks/
+	$(KEDRO) jupyter notebook --notebook-dir notebooks
+
+viz-build: setup  ## write the kedro-viz static site to build/ (open build/index.html)
+	$(KEDRO) viz build
+
+format: setup  ## ruff format + import sorting over src/ and tests/
+	$(BIN)/ruff format src tests
+	$(BIN)/ruff check --select I --fix src tests
+
+type-check: setup  ## mypy over src/ (config in pyproject.toml)
+	$(BIN)/mypy
+
+pre-commit: setup  ## install the git hooks and run them on every file (.pre-commit-config.yaml)
+	$(BIN)/pre-commit install
+	$(BIN)/pre-commit run --all-files
+
+dev: setup  ## the dev tools (pytest, ruff, mypy, pre-commit, Jupyter) and the git hooks
+	$(BIN)/pip install -e ".[dev]"
+	$(BIN)/pre-commit install
+
+clean-logs:  ## remove log files (info.log, errors.log, logs/)
+	rm -rf logs
+	find . -maxdepth 1 -name '*.log' -type f -delete
+
+clean-all: clean clean-logs  ## also the MLflow store, the viz site and tool caches (keeps data/01_raw, .venv)
+	rm -rf mlflow.db mlruns mlartifacts build .viz .pytest_cache .mypy_cache .ruff_cache .ipynb_checkpoints
+	find src tests -name __pycache__ -type d -prune -exec rm -rf {} +
