@@ -1,0 +1,139 @@
+"""The import floors of docs/architecture.md hold: a module imports only from floors below
+it, ``models/`` imports nothing above ``data/``, and no engine module imports Kedro or
+MLflow (checked on the source, function-level imports included, and in a fresh
+interpreter)."""
+
+from __future__ import annotations
+
+import ast
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parents[1] / "src" / "skin_lesion_classifier"
+
+#: Floor of each engine sub-package (lower floors never import higher ones).
+FLOORS = {
+    "constants": 0,
+    "device": 0,
+    "data": 1,
+    "models": 2,
+    "training": 3,
+    "inference": 4,
+    "evaluation": 5,
+    "reporting": 6,
+}
+ENGINE = tuple(FLOORS)
+FORBIDDEN_IN_ENGINE = ("kedro", "kedro_datasets", "kedro_mlflow", "mlflow")
+#: Known upward imports, each with its reason; the test fails on any other (and on an
+#: entry here that no longer occurs, so the list only shrinks).
+KNOWN_UPWARD = {
+    # the training loop scores validation with the one batched forward pass + TTA
+    (
+        "skin_lesion_classifier.training.engine",
+        "skin_lesion_classifier.inference.predict",
+    ),
+    (
+        "skin_lesion_classifier.training.bench",
+        "skin_lesion_classifier.inference.predict",
+    ),
+    # inference applies the decision rule that evaluation fits on validation
+    (
+        "skin_lesion_classifier.inference.decision",
+        "skin_lesion_classifier.evaluation.decision",
+    ),
+}
+
+
+def _module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    name = ".".join(parts)
+    return name.removesuffix(".__init__")
+
+
+def _floor(module: str) -> int | None:
+    parts = module.split(".")
+    if parts[0] != "skin_lesion_classifier" or len(parts) < 2:
+        return None
+    return FLOORS.get(parts[1])
+
+
+def _imports(path: Path) -> list[str]:
+    """Every absolute import in the file, wherever it stands (module or function)."""
+    out = []
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if isinstance(node, ast.Import):
+            out += [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            out.append(node.module)
+            out += [f"{node.module}.{a.name}" for a in node.names]
+    return out
+
+
+def _engine_files() -> list[Path]:
+    files = []
+    for name in ENGINE:
+        files += [PACKAGE / f"{name}.py"] if (PACKAGE / f"{name}.py").exists() else []
+        files += sorted((PACKAGE / name).rglob("*.py"))
+    return files
+
+
+def test_engine_modules_import_only_floors_below_and_no_kedro_or_mlflow():
+    files = _engine_files()
+    assert len(files) > 30, "the engine packages were not found"
+    upward, framework = set(), []
+    for path in files:
+        module = _module_name(path)
+        own = _floor(module)
+        for imported in _imports(path):
+            if imported.split(".")[0] in FORBIDDEN_IN_ENGINE:
+                framework.append(f"{module} imports {imported}")
+            target = _floor(imported)
+            if target is not None and target > own:
+                upward.add((module, ".".join(imported.split(".")[:3])))
+    assert not framework, framework
+    assert upward - KNOWN_UPWARD == set(), sorted(upward - KNOWN_UPWARD)
+    assert KNOWN_UPWARD - upward == set(), (
+        f"{sorted(KNOWN_UPWARD - upward)} no longer happen: drop them from KNOWN_UPWARD"
+    )
+
+
+def test_models_import_nothing_above_data_in_a_fresh_interpreter():
+    """Importing every ``models/`` module (the union covers each one alone) loads no
+    training, inference, evaluation, reporting, pipeline, Kedro or MLflow module."""
+    modules = [_module_name(p) for p in sorted((PACKAGE / "models").glob("*.py"))]
+    assert "skin_lesion_classifier.models.ensemble" in modules
+    code = (
+        "import importlib, json, sys\n"
+        f"for m in {modules!r}: importlib.import_module(m)\n"
+        "print(json.dumps(sorted(sys.modules)))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    )
+    loaded = json.loads(out.stdout.strip().splitlines()[-1])
+    above = [
+        m
+        for m in loaded
+        if m.split(".")[0] in FORBIDDEN_IN_ENGINE
+        or (
+            m.startswith("skin_lesion_classifier.")
+            and _floor(m) not in range(FLOORS["models"] + 1)
+        )
+    ]
+    assert above == [], above
+
+
+def test_engine_loads_no_kedro_or_mlflow_in_a_fresh_interpreter():
+    modules = [_module_name(p) for p in _engine_files()]
+    code = (
+        "import importlib, json, sys\n"
+        f"for m in {modules!r}: importlib.import_module(m)\n"
+        "print(json.dumps(sorted(sys.modules)))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    )
+    loaded = json.loads(out.stdout.strip().splitlines()[-1])
+    assert [m for m in loaded if m.split(".")[0] in FORBIDDEN_IN_ENGINE] == []
