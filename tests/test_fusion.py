@@ -84,6 +84,29 @@ def test_encoder_fits_on_train_only_and_round_trips(metadata_df):
     assert one[0, enc.feature_names.index("sex_unknown")] == 1
 
 
+def test_field_masking_replaces_whole_fields_by_unknown(metadata_df):
+    """Training-time field masking: a masked field is exactly the 'unknown' encoding the
+    model will see for a picture without metadata; the other fields stay as they were."""
+    enc = MetadataEncoder.fit(metadata_df, min_site_count=10)
+    x = torch.as_tensor(enc.transform(metadata_df.head(2000)))
+    unknown = torch.as_tensor(enc.unknown_vector())
+    assert torch.equal(enc.mask_fields(x, 0.0), x)
+    assert torch.equal(enc.mask_fields(x, 1.0), unknown.expand_as(x))
+    masked = enc.mask_fields(x, 0.5, torch.Generator().manual_seed(0))
+    changed = {}
+    for field, sl in enc.field_slices().items():
+        is_unknown = (masked[:, sl] == unknown[sl]).all(1)
+        kept = (masked[:, sl] == x[:, sl]).all(1)
+        assert bool((is_unknown | kept).all()), (
+            field
+        )  # a field is masked whole or not at all
+        changed[field] = float((~kept).float().mean())
+    # fields that were known get masked about half the time, independently of each other
+    assert 0.3 < changed["localization"] < 0.6 and 0.3 < changed["sex"] < 0.6
+    with pytest.raises(ValueError, match="masking probability"):
+        enc.mask_fields(x, 1.5)
+
+
 def test_encoder_rejects_bad_values_naming_the_rows(metadata_df):
     enc = MetadataEncoder.fit(metadata_df.head(500))
     bad = metadata_df.head(3).copy()

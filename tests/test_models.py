@@ -232,7 +232,9 @@ def test_new_head_starts_near_uniform_on_real_images(sample_images):
             loss = torch.nn.functional.cross_entropy(model(x), labels)
         assert abs(float(loss) - math.log(len(CLASSES))) < 0.1, kwargs
     model = create_model("efficientnet_lite0", pretrained=True).eval()
-    _init_weight_goog(model.get_classifier(), n="classifier")  # timm's fan-out U(+-1/sqrt(7))
+    _init_weight_goog(
+        model.get_classifier(), n="classifier"
+    )  # timm's fan-out U(+-1/sqrt(7))
     with torch.no_grad():
         loss = torch.nn.functional.cross_entropy(model(x), labels)
     assert float(loss) > math.log(len(CLASSES)) + 0.5

@@ -202,6 +202,37 @@ class MetadataEncoder:
             )
         )
 
+    def field_slices(self) -> dict[str, slice]:
+        """Columns of each field in :meth:`transform`'s output."""
+        n_sex = len(self.sex_categories)
+        return {
+            "age": slice(0, 2),
+            "sex": slice(2, 2 + n_sex),
+            "localization": slice(2 + n_sex, self.dim),
+        }
+
+    def unknown_vector(self) -> np.ndarray:
+        """``(dim,)`` encoding of a patient whose age, sex and site are all unknown."""
+        return self.transform_one()[0]
+
+    def mask_fields(self, x, p: float, generator=None):
+        """Training-time field masking: each field (age, sex, site) of each row of the
+        encoded ``x`` (a torch tensor ``(n, dim)``) is replaced, with probability ``p`` and
+        independently, by its ``unknown`` encoding. A model trained so has seen every mix
+        of known and unknown fields, including none known (the usual external picture)."""
+        import torch
+
+        if not 0.0 <= float(p) <= 1.0:
+            raise ValueError(f"field masking probability must be in [0, 1], got {p}")
+        if p == 0:
+            return x
+        unknown = torch.as_tensor(self.unknown_vector(), dtype=x.dtype, device=x.device)
+        out = x.clone()
+        for sl in self.field_slices().values():
+            hit = torch.rand(len(x), 1, generator=generator).to(x.device) < p
+            out[:, sl] = torch.where(hit, unknown[sl], out[:, sl])
+        return out
+
     def missing_summary(self, frame: pd.DataFrame) -> dict[str, int]:
         """How many rows of ``frame`` have a blank age, unknown sex, unknown site, or a site
         that falls into the ``other`` bucket."""

@@ -45,8 +45,9 @@ MIN_INPUT_SIDE = 32
 MAX_INPUT_SIDE = 2048
 #: Standard deviation of a new classifier's weights (bias zero). timm's fan-out
 #: initialisation, U(+-1/sqrt(7)) for 7 classes, starts with logits of std ~3 and a loss of
-#: ~4.5; near-zero weights start at the neutral ln(7) = 1.95 while the gradients still flow.
-NEW_HEAD_STD = 0.01
+#: ~4.5; even N(0, 0.01) gives ~2.2 over Lite0's 1280 pooled features. Zero weights start
+#: at the neutral ln(7) = 1.95, and the first step already gives them a gradient.
+NEW_HEAD_STD = 0.0
 
 
 @dataclass(frozen=True)
@@ -336,7 +337,9 @@ def create_model(
         backbone.pretrained_cfg = {**dict(backbone.pretrained_cfg), **LITE_INPUT_NORM}
 
     backbone = getattr(model, "backbone", model)
-    imagenet_classes = dict(getattr(backbone, "pretrained_cfg", {}) or {}).get("num_classes")
+    imagenet_classes = dict(getattr(backbone, "pretrained_cfg", {}) or {}).get(
+        "num_classes"
+    )
     if pretrained and (head is not None or num_classes != imagenet_classes):
         init_new_classifier(model)  # a new head (random-init models keep timm's scheme)
     if input_size is not None and check_size:
@@ -358,7 +361,8 @@ def create_model(
 
 
 def init_new_classifier(model: torch.nn.Module, std: float = NEW_HEAD_STD) -> None:
-    """Start the output layer(s) of a new head near zero (N(0, std) cut at 2 std, bias 0).
+    """Start the output layer(s) of a new head at zero (``std`` > 0: N(0, std) cut at
+    2 std), bias 0.
 
     :func:`create_model` calls it when pretrained weights come with a new head (another
     number of classes than the pretrained one, a project head or a fusion head): on
@@ -371,14 +375,21 @@ def init_new_classifier(model: torch.nn.Module, std: float = NEW_HEAD_STD) -> No
     layers = []
     if hasattr(model, "image_head_module") and hasattr(model, "metadata_head"):
         image_head = model.image_head_module()
-        image_linears = [m for m in image_head.modules() if isinstance(m, torch.nn.Linear)]
+        image_linears = [
+            m for m in image_head.modules() if isinstance(m, torch.nn.Linear)
+        ]
         layers += image_linears[-1:] + [model.metadata_head]
     elif hasattr(model, "get_classifier"):
         layers.append(model.get_classifier())
     for layer in layers:
         if isinstance(layer, torch.nn.Linear):
             with torch.no_grad():
-                torch.nn.init.trunc_normal_(layer.weight, std=std, a=-2 * std, b=2 * std)
+                if std > 0:
+                    torch.nn.init.trunc_normal_(
+                        layer.weight, std=std, a=-2 * std, b=2 * std
+                    )
+                else:
+                    layer.weight.zero_()
                 if layer.bias is not None:
                     layer.bias.zero_()
 

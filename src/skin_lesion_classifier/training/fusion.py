@@ -43,6 +43,7 @@ class FusionHeadConfig:
     hidden: list[int] = field(default_factory=lambda: [64, 64])
     dropout: float = 0.2
     metadata_dropout: float = 0.1
+    field_dropout: float = 0.0
     min_site_count: int = 10
     train_image_head: bool = True
     epochs: int = 40
@@ -239,8 +240,9 @@ def train_fusion_head(
             if len(idx) < 2:
                 continue  # BatchNorm needs two samples
             view = torch.randint(0, train_feats.shape[0], (len(idx),), generator=gen)
+            m = encoder.mask_fields(m_train[idx], cfg.field_dropout, gen)
             loss = criterion(
-                logits(train_feats[view.to(device), idx], m_train[idx]).float(),
+                logits(train_feats[view.to(device), idx], m).float(),
                 y_dev[idx],
             )
             optimizer.zero_grad(set_to_none=True)
