@@ -46,6 +46,11 @@ def test_training_pipeline_runs_and_logs_to_mlflow(tmp_path, small_split, mlflow
     params = {
         "checkpoint_dir": str(tmp_path / "checkpoints"),
         "mlflow_model": {"device": "cpu", "batch_size": 16},
+        "registry": {
+            "model_name": "slc-training-test",
+            "champion_alias": "champion",
+            "champion_metric": "val_balanced_accuracy",
+        },
         "train": {
             "arch": "test_efficientnet",
             "pretrained": False,
@@ -129,6 +134,14 @@ def test_training_pipeline_runs_and_logs_to_mlflow(tmp_path, small_split, mlflow
     assert np.allclose(probs.sum(1), 1, atol=1e-5)
     # uint8 arrays of any size work too, and give the same answer as the files
     from skin_lesion_classifier.data.images import load_rgb
+
+    # the run registered its model, tagged with the validation figures, as champion
+    registration = catalog["model_registration"].load()
+    assert registration["version"] == "1" and registration["promoted"]
+    version = client.get_model_version_by_alias("slc-training-test", "champion")
+    assert float(version.tags["val_balanced_accuracy"]) == pytest.approx(
+        history.val_balanced_accuracy.max()
+    )
 
     arrays = pd.DataFrame({"image": [np.asarray(load_rgb(p)) for p in test.path[:3]]})
     assert np.allclose(

@@ -51,7 +51,7 @@ SHARED = {"split_assignment": "split_assignment", "image_index": "image_index"}
 def _member_training(m: str) -> Pipeline:
     """model_input + training (without the MLflow pyfunc model) under namespace ``m``."""
     train = training()
-    train = train - train.only_nodes_with_outputs("mlflow_model")
+    train = train - train.only_nodes_with_outputs("mlflow_model", "model_registration")
     return pipeline(
         model_input() + train,
         namespace=m,
@@ -245,7 +245,7 @@ def _create_pipeline() -> Pipeline:
             },
         )
     )
-    mlflow_model = training().only_nodes_with_outputs("mlflow_model")
+    mlflow_model = training().only_nodes_with_outputs("mlflow_model")  # not registered
     parts.append(
         pipeline(
             mlflow_model,

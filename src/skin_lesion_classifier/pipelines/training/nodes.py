@@ -72,3 +72,35 @@ def make_mlflow_model(model_checkpoint: dict[str, Any], params: dict[str, Any]):
         batch_size=int(opts.get("batch_size", 64)),
         tta=opts.get("tta", False),
     )
+
+
+def logged_model_uri(mlflow_model) -> str:
+    """``models:/<model id>`` of the pyfunc loaded back from the run (MLflow 3), else
+    ``runs:/<run id>/<artifact path>``."""
+    meta = mlflow_model.metadata
+    if getattr(meta, "model_id", None):
+        return f"models:/{meta.model_id}"
+    return f"runs:/{meta.run_id}/{meta.artifact_path}"
+
+
+def register_model(
+    mlflow_model, model_checkpoint: dict[str, Any], params: dict[str, Any]
+) -> dict[str, Any]:
+    """Register the run's logged model under ``registry.model_name`` with the best epoch's
+    validation figures as tags; move ``registry.champion_alias`` to it only when it beats
+    the current champion on ``registry.champion_metric`` (see ``registry.py``)."""
+    from skin_lesion_classifier.registry import register_and_promote
+
+    reg = params["registry"]
+    meta = model_checkpoint["meta"]
+    return register_and_promote(
+        logged_model_uri(mlflow_model),
+        reg["model_name"],
+        metrics=meta.get("metrics") or {},
+        metric=reg["champion_metric"],
+        alias=reg["champion_alias"],
+        extra_tags={
+            "arch": str(meta.get("arch")),
+            "input_size": str(meta.get("input_size")),
+        },
+    )

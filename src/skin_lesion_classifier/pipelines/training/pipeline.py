@@ -1,8 +1,14 @@
-"""training: image cache + split assignment -> model checkpoint, history, MLflow model."""
+"""training: image cache + split assignment -> model checkpoint, history, MLflow model,
+registered model version (the ``champion`` alias moves only to a better one)."""
 
 from kedro.pipeline import Node, Pipeline
 
-from .nodes import best_validation_metrics, make_mlflow_model, train_classifier
+from .nodes import (
+    best_validation_metrics,
+    make_mlflow_model,
+    register_model,
+    train_classifier,
+)
 
 
 def create_pipeline(**kwargs) -> Pipeline:
@@ -25,6 +31,12 @@ def create_pipeline(**kwargs) -> Pipeline:
                 ["model_checkpoint", "params:training"],
                 "mlflow_model",
                 name="log_mlflow_model",
+            ),
+            Node(
+                register_model,
+                ["mlflow_model", "model_checkpoint", "params:training"],
+                "model_registration",
+                name="register_model",
             ),
         ]
     )
