@@ -196,12 +196,13 @@ def test_external_pipeline_reports_an_ensemble_with_the_gaps_listed(
     params.update(
         image_dir=str(external_set["images"]),
         labels_csv=str(external_set["csv"]),
-        checkpoint=str(ckpt),
         device="cpu",
         bootstrap={"n_boot": 100, "seed": 0, "level": 0.95},
     )
     out = tmp_path / "run"
-    catalog = DataCatalog.from_config(_catalog(project_root, out))
+    conf = _catalog(project_root, out)
+    conf["external_checkpoint"]["filepath"] = str(ckpt)
+    catalog = DataCatalog.from_config(conf)
     catalog["params:external_validation"] = params
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
     mlflow.set_experiment("external_test")

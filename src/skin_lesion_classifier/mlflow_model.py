@@ -22,13 +22,9 @@ import pandas as pd
 from PIL import Image
 
 from skin_lesion_classifier.data.images import load_resized, resize_rgb
-from skin_lesion_classifier.data.metadata_features import (
-    METADATA_COLUMNS,
-    metadata_inputs,
-)
+from skin_lesion_classifier.data.metadata_features import METADATA_COLUMNS
 from skin_lesion_classifier.device import detect_device
-from skin_lesion_classifier.inference.predict import predict_proba
-from skin_lesion_classifier.models.checkpoint import load_model
+from skin_lesion_classifier.inference.predictor import TorchPredictor
 
 #: Packages the pyfunc needs besides this project (given explicitly: no inference run).
 PIP_REQUIREMENTS = [
@@ -81,23 +77,26 @@ class SkinLesionPyfunc(mlflow.pyfunc.PythonModel):
         self.device_name = device
         self.batch_size = batch_size
         self.tta = tta
-        self.model = None
-        self.meta: dict[str, Any] = {}
+        self.predictor: TorchPredictor | None = None
 
     def load_context(self, context) -> None:
-        self.device = detect_device(self.device_name)
-        self.model, self.meta = load_model(context.artifacts["checkpoint"], self.device)
+        self.predictor = TorchPredictor.from_checkpoint(
+            context.artifacts["checkpoint"],
+            device=detect_device(self.device_name),
+            batch_size=self.batch_size,
+            tta=self.tta,
+        )
 
     def predict(
         self, context, model_input, params: dict[str, Any] | None = None
     ) -> pd.DataFrame:
-        if self.model is None:
+        if self.predictor is None:
             self.load_context(context)
-        size = tuple(self.meta["input_size"])
-        images = images_from_frame(model_input, size)
-        tta = (params or {}).get("tta", self.tta)
-        extra = None
-        if self.meta.get("uses_metadata"):
+        predictor = self.predictor
+        images = images_from_frame(model_input, predictor.input_size)
+        predictor.tta = (params or {}).get("tta", self.tta)
+        rows = None
+        if predictor.uses_metadata:
             rows = pd.DataFrame(model_input).reset_index(drop=True)
             defaults = {"age": np.nan, "sex": "unknown", "localization": "unknown"}
             rows = pd.DataFrame(
@@ -109,18 +108,8 @@ class SkinLesionPyfunc(mlflow.pyfunc.PythonModel):
             )
             rows["sex"] = rows["sex"].fillna("unknown")
             rows["localization"] = rows["localization"].fillna("unknown")
-            extra = metadata_inputs(self.meta, rows)
-        proba = predict_proba(
-            self.model,
-            images,
-            self.meta["mean"],
-            self.meta["std"],
-            self.device,
-            self.batch_size,
-            tta=tta,
-            extra_inputs=extra,
-        )
-        classes = self.meta["classes"]
+        proba = predictor.predict(images, rows)
+        classes = predictor.classes
         out = pd.DataFrame(
             proba.reshape(len(images), len(classes)),
             columns=[f"prob_{c}" for c in classes],

@@ -29,7 +29,7 @@ import pandas as pd
 import torch
 
 from skin_lesion_classifier.constants import CLASSES
-from skin_lesion_classifier.data.images import load_rgb, resize_rgb
+from skin_lesion_classifier.data.images import load_resized, load_rgb, resize_rgb
 from skin_lesion_classifier.data.metadata_features import (
     METADATA_COLUMNS,
     OTHER_SITE,
@@ -351,11 +351,20 @@ class TorchPredictor(Predictor):
 
     @classmethod
     def from_checkpoint(
-        cls, path: str | os.PathLike, device: torch.device | str = "cpu", **kwargs: Any
+        cls,
+        path: str | os.PathLike | Mapping[str, Any],
+        device: torch.device | str = "cpu",
+        **kwargs: Any,
     ) -> TorchPredictor:
-        """Load a checkpoint with :func:`models.checkpoint.load_model` (no network access)."""
+        """Load a checkpoint file, or take a checkpoint dict (what the catalog's
+        ``TorchCheckpointDataset`` loads), with :func:`models.checkpoint.load_model`
+        (no network access)."""
         from skin_lesion_classifier.models.checkpoint import load_model
 
+        if isinstance(path, Mapping):
+            model, meta = load_model(path, device)
+            kwargs.setdefault("source", "<checkpoint>")
+            return cls(model, meta, device=device, **kwargs)
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(
@@ -364,6 +373,36 @@ class TorchPredictor(Predictor):
         model, meta = load_model(path, device)
         kwargs.setdefault("version", f"{path.name}@sha256:{file_digest(path)}")
         return cls(model, meta, source=str(path), device=device, **kwargs)
+
+
+def images_for(
+    images: Any, image_ids: Sequence[str], size: Sequence[int]
+) -> np.ndarray:
+    """``(n, H, W, 3)`` uint8 model input of ``image_ids`` at ``size``: taken from a uint8
+    image cache at that size (it has ``take`` and ``input_size``), else decoded from the
+    ``path`` column of an ``image_index`` frame and resized as in training."""
+    size = (int(size[0]), int(size[1]))
+    image_ids = list(image_ids)
+    if hasattr(images, "take") and hasattr(images, "input_size"):
+        if tuple(images.input_size) == size:
+            return images.take(image_ids)
+        raise ValueError(
+            f"the image cache is at {tuple(images.input_size)} but the model wants {size}; "
+            "rebuild the cache or predict from image_index"
+        )
+    if not isinstance(images, pd.DataFrame) or "path" not in images.columns:
+        raise ValueError(
+            "images must be an image cache or an image_index frame with 'path'"
+        )
+    paths = images.drop_duplicates("image_id").set_index("image_id")["path"]
+    missing = [i for i in image_ids if i not in paths.index]
+    if missing:
+        raise ValueError(
+            f"{len(missing)} images are not in image_index (first: {missing[:5]})"
+        )
+    if not image_ids:
+        return np.zeros((0, *size, 3), dtype=np.uint8)
+    return np.stack([load_resized(paths[i], size) for i in image_ids])
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:

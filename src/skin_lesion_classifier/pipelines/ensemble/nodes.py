@@ -15,7 +15,6 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from skin_lesion_classifier.data.images import load_resized
 from skin_lesion_classifier.data.metadata_features import (
     MetadataEncoder,
     with_metadata,
@@ -32,6 +31,7 @@ from skin_lesion_classifier.evaluation.evaluate import (
     split_rows,
 )
 from skin_lesion_classifier.evaluation.metrics import balanced_accuracy
+from skin_lesion_classifier.inference.predictor import images_for
 from skin_lesion_classifier.models.checkpoint import load_model, read_checkpoint
 from skin_lesion_classifier.models.ensemble_checkpoint import build_ensemble_checkpoint
 from skin_lesion_classifier.models.fusion import proba_from_features
@@ -49,10 +49,8 @@ def _images(
 ) -> np.ndarray:
     """uint8 images of ``rows`` at ``size``: from the cache when it is at that size, else
     decoded from ``image_index.path`` with the shared resize."""
-    if image_cache is not None and tuple(image_cache.input_size) == tuple(size):
-        return image_cache.take(rows["image_id"])
-    paths = image_index.drop_duplicates("image_id").set_index("image_id")["path"]
-    return np.stack([load_resized(paths[i], tuple(size)) for i in rows["image_id"]])
+    fits = image_cache is not None and tuple(image_cache.input_size) == tuple(size)
+    return images_for(image_cache if fits else image_index, rows["image_id"], size)
 
 
 def predict_member(

@@ -14,7 +14,6 @@ import numpy as np
 import pandas as pd
 
 from skin_lesion_classifier.constants import CLASSES
-from skin_lesion_classifier.data.images import load_resized
 from skin_lesion_classifier.data.metadata_features import metadata_inputs
 from skin_lesion_classifier.device import detect_device
 from skin_lesion_classifier.evaluation.decision import (
@@ -30,8 +29,8 @@ from skin_lesion_classifier.evaluation.evaluate import (
     train_counts_from,
 )
 from skin_lesion_classifier.evaluation.metrics import f1_vs_training_size
-from skin_lesion_classifier.inference.predict import predict_proba
-from skin_lesion_classifier.models.checkpoint import load_model, read_checkpoint
+from skin_lesion_classifier.inference.predictor import TorchPredictor, images_for
+from skin_lesion_classifier.models.checkpoint import read_checkpoint
 from skin_lesion_classifier.reporting.report import headline_rows, to_jsonable
 
 logger = logging.getLogger(__name__)
@@ -43,32 +42,6 @@ def _checkpoint_source(model_checkpoint: Any) -> Any:
         model, meta = model_checkpoint  # an already loaded (model, meta)
         return {"state_dict": model.state_dict(), "meta": meta}
     return model_checkpoint
-
-
-def _load_images(
-    images: Any, image_ids: pd.Series, size: tuple[int, int]
-) -> np.ndarray:
-    """``(n, H, W, 3)`` uint8 images of ``image_ids`` at ``size``: from the uint8 image
-    cache when ``images`` is one at that size (it has ``take`` and ``input_size``), else
-    decoded from the ``path`` column of an ``image_index`` frame with the shared resize."""
-    if hasattr(images, "take") and hasattr(images, "input_size"):
-        if tuple(images.input_size) == tuple(size):
-            return images.take(image_ids.tolist())
-        raise ValueError(
-            f"the image cache is at {tuple(images.input_size)} but the model wants {size}; "
-            "rebuild the cache or evaluate from image_index"
-        )
-    if not isinstance(images, pd.DataFrame) or "path" not in images.columns:
-        raise ValueError(
-            "images must be an image cache or an image_index frame with 'path'"
-        )
-    paths = images.drop_duplicates("image_id").set_index("image_id")["path"]
-    missing = image_ids[~image_ids.isin(paths.index)].tolist()
-    if missing:
-        raise ValueError(
-            f"{len(missing)} images are not in image_index (first: {missing[:5]})"
-        )
-    return np.stack([load_resized(paths[i], size) for i in image_ids])
 
 
 def predict_split(
@@ -90,24 +63,18 @@ def predict_split(
     encoded as such), taken from the split rows when they carry those columns, else joined
     by ``image_id`` from ``image_index`` (or from ``images`` when that is the index).
     """
-    device = detect_device(params.get("device", "auto"))
-    model, meta = load_model(_checkpoint_source(model_checkpoint), device)
-    if list(meta["classes"]) != list(CLASSES):
-        raise ValueError(f"model classes {meta['classes']} differ from {list(CLASSES)}")
+    predictor = TorchPredictor.from_checkpoint(
+        _checkpoint_source(model_checkpoint),
+        device=detect_device(params.get("device", "auto")),
+        batch_size=int(params.get("batch_size", 64)),
+        tta=params.get("tta", False),
+    )
     rows = split_rows(split_assignment, split)
     if image_index is None and isinstance(images, pd.DataFrame):
         image_index = images
-    extra = metadata_inputs(meta, rows, image_index)
-    x = _load_images(images, rows["image_id"], tuple(meta["input_size"]))
-    prob = predict_proba(
-        model,
-        x,
-        meta["mean"],
-        meta["std"],
-        device,
-        batch_size=int(params.get("batch_size", 64)),
-        tta=params.get("tta", False),
-        extra_inputs=extra,
+    extra = metadata_inputs(predictor.meta, rows, image_index)
+    prob = predictor.predict(
+        images_for(images, rows["image_id"], predictor.input_size), extra
     )
     logger.info(
         "predicted %d %s images (tta=%s, metadata=%s)",

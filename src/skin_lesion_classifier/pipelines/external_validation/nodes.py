@@ -7,14 +7,12 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
 from skin_lesion_classifier.constants import CLASSES
-from skin_lesion_classifier.data.images import load_resized
 from skin_lesion_classifier.data.metadata_features import metadata_inputs
 from skin_lesion_classifier.device import detect_device
 from skin_lesion_classifier.evaluation.decision import DecisionRule
@@ -24,8 +22,11 @@ from skin_lesion_classifier.evaluation.evaluate import (
     probabilities_of,
 )
 from skin_lesion_classifier.evaluation.external import issue_summary, read_external_set
-from skin_lesion_classifier.inference.predict import predict_proba
-from skin_lesion_classifier.models.checkpoint import load_model, read_checkpoint
+from skin_lesion_classifier.inference.predictor import (
+    TorchPredictor,
+    images_for,
+    read_decision_file,
+)
 from skin_lesion_classifier.reporting import plots
 from skin_lesion_classifier.reporting.report import (
     figure_png,
@@ -75,44 +76,29 @@ def read_external(params: Mapping[str, Any]) -> tuple[pd.DataFrame, pd.DataFrame
     return rows, issues
 
 
-def predict_external(rows: pd.DataFrame, params: Mapping[str, Any]) -> pd.DataFrame:
-    """Class probabilities of every matched image (the ``predictions`` contract) from
-    ``params["checkpoint"]``: a single model or an ensemble checkpoint; a model fusing
-    metadata gets the external metadata (unknown where the set has none)."""
-    path = Path(str(params.get("checkpoint", "")))
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"external_validation.checkpoint {path} does not exist; train a model (kedro "
-            "run) or an ensemble (kedro run --pipelines ensemble) first, or point it at one"
-        )
-    device = detect_device(params.get("device", "auto"))
-    model, meta = load_model(path, device)
-    if list(meta["classes"]) != list(CLASSES):
-        raise ValueError(f"model classes {meta['classes']} differ from {list(CLASSES)}")
-    size = tuple(meta["input_size"])
-    images = np.stack([load_resized(p, size) for p in rows["path"]])
-    prob = predict_proba(
-        model,
-        images,
-        meta["mean"],
-        meta["std"],
-        device,
+def predict_external(
+    rows: pd.DataFrame, checkpoint: Mapping[str, Any], params: Mapping[str, Any]
+) -> pd.DataFrame:
+    """Class probabilities of every matched image (the ``predictions`` contract) from the
+    ``external_checkpoint`` catalog entry: a single model or an ensemble checkpoint; a
+    model fusing metadata gets the external metadata (unknown where the set has none)."""
+    predictor = TorchPredictor.from_checkpoint(
+        checkpoint,
+        device=detect_device(params.get("device", "auto")),
         batch_size=int(params.get("batch_size", 64)),
         tta=params.get("tta", False),
-        extra_inputs=metadata_inputs(meta, rows),
     )
+    images = images_for(rows, rows["image_id"], predictor.input_size)
+    prob = predictor.predict(images, metadata_inputs(predictor.meta, rows))
     return predictions_frame(rows, prob)
 
 
 def _decision_rule(params: Mapping[str, Any], meta: Mapping[str, Any]) -> DecisionRule:
     """The rule chosen on the model's own validation split: ``params["decision_rule"]``
     (a decision_rule.json), else ``meta["decision"]``, else the arg-max."""
-    import json
-
     src = params.get("decision_rule")
     if src:
-        data = json.loads(Path(src).read_text())
-        return DecisionRule.from_dict(data)
+        return DecisionRule.from_dict(read_decision_file(src))
     if meta.get("decision"):
         return DecisionRule.from_dict(meta["decision"])
     return DecisionRule("argmax", np.ones(len(CLASSES)))
@@ -121,12 +107,13 @@ def _decision_rule(params: Mapping[str, Any], meta: Mapping[str, Any]) -> Decisi
 def evaluate_external(
     predictions: pd.DataFrame,
     issues: pd.DataFrame,
+    checkpoint: Mapping[str, Any],
     params: Mapping[str, Any],
 ) -> tuple[dict[str, Any], dict[str, dict[str, float]]]:
     """Every figure of the external set under the arg-max and the model's validated rule
     (nothing is chosen on the external set), with lesion-bootstrap intervals, plus the
     headline as MLflow metrics."""
-    meta = read_checkpoint(params["checkpoint"])["meta"]
+    meta = checkpoint["meta"]
     rule = _decision_rule(params, meta)
     boot = params.get("bootstrap", {})
     split = evaluate_split(
@@ -143,7 +130,6 @@ def evaluate_external(
     metrics = to_jsonable(
         {
             "model": {
-                "checkpoint": str(params["checkpoint"]),
                 "arch": meta["arch"],
                 "input_size": meta["input_size"],
                 "uses_metadata": bool(meta.get("uses_metadata")),
@@ -246,7 +232,7 @@ def report_section(
     lines = [
         "## External validation",
         "",
-        f"Model `{model['arch']}` (`{model['checkpoint']}`) on `{src['image_dir']}` with "
+        f"Model `{model['arch']}` on `{src['image_dir']}` with "
         f"ground truth `{src['labels_csv']}`: **{iss['used']} images used**. Decision rule "
         f"**{metrics['decision_rule']['rule']}**, chosen on the model's own validation split; "
         "nothing is chosen on the external set.",

@@ -24,7 +24,7 @@ def create_pipeline(**kwargs) -> Pipeline:
             ),
             Node(
                 predict_external,
-                ["external_rows", "params:external_validation"],
+                ["external_rows", "external_checkpoint", "params:external_validation"],
                 "external_predictions",
                 name="predict_external",
             ),
@@ -33,6 +33,7 @@ def create_pipeline(**kwargs) -> Pipeline:
                 [
                     "external_predictions",
                     "external_issues",
+                    "external_checkpoint",
                     "params:external_validation",
                 ],
                 ["external_metrics", "external_mlflow_metrics"],
