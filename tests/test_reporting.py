@@ -15,14 +15,13 @@ from skin_lesion_classifier.evaluation.decision import DecisionRule
 from skin_lesion_classifier.evaluation.evaluate import evaluate_split
 from skin_lesion_classifier.evaluation.metrics import f1_vs_training_size
 from skin_lesion_classifier.reporting import plots
-from skin_lesion_classifier.reporting.report import (
-    build_markdown,
-    data_summary,
+from skin_lesion_classifier.reporting.format import (
     figure_png,
-    headline_rows,
     markdown_to_html,
     to_jsonable,
 )
+from skin_lesion_classifier.reporting.report import build_markdown, data_summary
+from skin_lesion_classifier.reporting.sections import headline_rows
 
 
 def _one_class_split(n_per_class=4):
@@ -103,3 +102,51 @@ def test_f1_against_training_size_fit_by_hand():
     n = [10.0**k for k in range(1, 8)]
     fit = f1_vs_training_size(n, [0.1 * k for k in range(1, 8)])
     assert (fit["slope"], fit["intercept"], fit["r2"]) == pytest.approx((0.1, 0.0, 1.0))
+
+
+def test_report_sections_come_in_order_and_each_stands_alone(small_split):
+    from skin_lesion_classifier.reporting.sections import (
+        class_imbalance_section,
+        decision_section,
+        mlflow_section,
+    )
+
+    y, p = _one_class_split()
+    rule = DecisionRule(
+        "class_weights", np.linspace(0.5, 2.0, 7), melanoma_threshold=0.5
+    )
+    split = to_jsonable(evaluate_split(y, p, np.arange(y.size), rule, n_boot=20))
+    decision = {
+        **rule.to_dict(),
+        "candidates": {
+            "argmax": {"val_balanced_accuracy": 0.5, "scored": "direct"},
+            "class_weights": {"val_balanced_accuracy": 0.6, "scored": "cross-fitted"},
+        },
+    }
+    metrics = {
+        "model": {"arch": "tiny", "input_size": [48, 64]},
+        "decision_rule": decision,
+        "bootstrap_settings": {"n_boot": 20, "seed": 0, "level": 0.95},
+        "splits": {"val": split, "test": split},
+    }
+    run = {"run_id": "r1", "experiment_id": "7", "tracking_uri": "sqlite:///m.db"}
+    md = build_markdown(
+        metrics, data_summary(small_split), {}, {"roc_curves": "r.png"}, run
+    )
+    assert [line for line in md.splitlines() if line.startswith("## ")] == [
+        "## Headline (test split)",
+        "## Data",
+        "## Configuration",
+        "## Decision rules (chosen on validation)",
+        "## Metrics: val split",
+        "## Metrics: test split",
+        "## Clinical: melanoma vs rest (test split)",
+        "## Figures",
+        "## MLflow",
+    ]
+    assert "| class_weights rule |" in md and "![One-vs-rest ROC" in md
+    rules = "\n".join(decision_section(decision))
+    assert "| **class_weights** | 0.600 | cross-fitted |" in rules
+    assert class_imbalance_section(None) == []
+    assert "- run: `r1`" in mlflow_section(run)
+    assert mlflow_section(None)[2].startswith("This run was not tracked")

@@ -16,7 +16,8 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from skin_lesion_classifier.reporting.report import fmt, headline_rows
+from skin_lesion_classifier.reporting.format import fmt
+from skin_lesion_classifier.reporting.sections import headline_rows
 
 DEFAULT_PATH = Path("data/08_reporting/evaluation_metrics.json")
 
@@ -40,7 +41,7 @@ def load_metrics(path: str | Path) -> dict:
 
 
 def headline_table(metrics: dict, split: str = "test") -> Table:
-    """A rich table of :func:`~skin_lesion_classifier.reporting.report.headline_rows`."""
+    """A rich table of :func:`~skin_lesion_classifier.reporting.sections.headline_rows`."""
     if split not in metrics["splits"]:
         raise ValueError(
             f"no {split!r} split in the metrics; have {sorted(metrics['splits'])}"

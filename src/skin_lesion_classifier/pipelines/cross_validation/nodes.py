@@ -30,7 +30,7 @@ from skin_lesion_classifier.evaluation.cross_validation import (
 )
 from skin_lesion_classifier.pipelines.ensemble.nodes import predict_member
 from skin_lesion_classifier.pipelines.training.nodes import train_classifier
-from skin_lesion_classifier.reporting.report import to_jsonable
+from skin_lesion_classifier.reporting.format import to_jsonable
 
 logger = logging.getLogger(__name__)
 

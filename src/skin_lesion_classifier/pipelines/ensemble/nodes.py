@@ -36,7 +36,7 @@ from skin_lesion_classifier.models.checkpoint import load_model, read_checkpoint
 from skin_lesion_classifier.models.ensemble_checkpoint import build_ensemble_checkpoint
 from skin_lesion_classifier.models.fusion import proba_from_features
 from skin_lesion_classifier.pipelines.evaluation.nodes import predict_split
-from skin_lesion_classifier.reporting.report import fmt, to_jsonable
+from skin_lesion_classifier.reporting.format import fmt, to_jsonable
 from skin_lesion_classifier.training.fusion import fusion_features, train_fusion_head
 
 logger = logging.getLogger(__name__)

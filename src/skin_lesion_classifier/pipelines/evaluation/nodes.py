@@ -31,7 +31,8 @@ from skin_lesion_classifier.evaluation.evaluate import (
 from skin_lesion_classifier.evaluation.metrics import f1_vs_training_size
 from skin_lesion_classifier.inference.predictor import TorchPredictor, images_for
 from skin_lesion_classifier.models.checkpoint import read_checkpoint
-from skin_lesion_classifier.reporting.report import headline_rows, to_jsonable
+from skin_lesion_classifier.reporting.format import to_jsonable
+from skin_lesion_classifier.reporting.sections import headline_rows
 
 logger = logging.getLogger(__name__)
 

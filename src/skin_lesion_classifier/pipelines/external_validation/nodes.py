@@ -28,15 +28,15 @@ from skin_lesion_classifier.inference.predictor import (
     read_decision_file,
 )
 from skin_lesion_classifier.reporting import plots
-from skin_lesion_classifier.reporting.report import (
+from skin_lesion_classifier.reporting.format import (
     figure_png,
     fmt,
     fmt_ci,
-    headline_rows,
     markdown_to_html,
     png_data_uri,
     to_jsonable,
 )
+from skin_lesion_classifier.reporting.sections import headline_rows
 
 logger = logging.getLogger(__name__)
 

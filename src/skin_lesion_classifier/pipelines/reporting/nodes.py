@@ -18,14 +18,13 @@ from matplotlib.figure import Figure
 from skin_lesion_classifier.constants import CLASSES
 from skin_lesion_classifier.evaluation.evaluate import probabilities_of
 from skin_lesion_classifier.reporting import plots
-from skin_lesion_classifier.reporting.report import (
-    FIGURE_CAPTIONS,
-    build_markdown,
-    data_summary,
+from skin_lesion_classifier.reporting.format import (
     figure_png,
     markdown_to_html,
     png_data_uri,
 )
+from skin_lesion_classifier.reporting.report import build_markdown, data_summary
+from skin_lesion_classifier.reporting.sections import FIGURE_CAPTIONS
 
 logger = logging.getLogger(__name__)
 
