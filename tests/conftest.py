@@ -5,6 +5,8 @@
 
 from __future__ import annotations
 
+import copy
+import functools
 import os
 from pathlib import Path
 
@@ -18,6 +20,39 @@ PROJECT_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(
     os.environ.get("SLC_SHARED_DATA", PROJECT_ROOT.parent / "shared" / "data")
 ).resolve()
+
+
+@functools.cache
+def _project_params(env: str) -> dict:
+    from kedro.config import OmegaConfigLoader
+
+    from skin_lesion_classifier.settings import CONFIG_LOADER_ARGS
+
+    loader = OmegaConfigLoader(
+        str(PROJECT_ROOT / "conf"), env=env, **CONFIG_LOADER_ARGS
+    )
+    return loader["parameters"]
+
+
+def project_params(env: str = "base") -> dict:
+    """The project's parameters for ``env`` exactly as ``kedro run --env <env>`` resolves
+    them (Kedro's ``OmegaConfigLoader`` with the settings of ``settings.py``); a copy."""
+    return copy.deepcopy(_project_params(env))
+
+
+def train_params(**overrides) -> dict:
+    """``training.train`` of ``conf/base`` with ``overrides`` on top (soft merge): what a
+    test's tiny model trains with; every other option keeps its one default."""
+    from skin_lesion_classifier.config_defaults import soft_merge
+
+    return soft_merge(project_params()["training"]["train"], overrides)
+
+
+def fusion_params(**overrides) -> dict:
+    """``ensemble.fusion`` of ``conf/base`` with ``overrides`` on top (soft merge)."""
+    from skin_lesion_classifier.config_defaults import soft_merge
+
+    return soft_merge(project_params()["ensemble"]["fusion"], overrides)
 
 
 def _require(path: Path) -> Path:

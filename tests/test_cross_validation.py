@@ -19,7 +19,7 @@ from skin_lesion_classifier.evaluation.cross_validation import (
 )
 from skin_lesion_classifier.evaluation.evaluate import predictions_frame
 from skin_lesion_classifier.pipelines.splitting.nodes import assign_splits
-from tests.conftest import catalog_section
+from tests.conftest import catalog_section, project_params, train_params
 
 
 @pytest.fixture(scope="module")
@@ -163,7 +163,6 @@ def test_cross_validation_pipeline_trains_each_fold_and_reports(
 
     import mlflow
     import torch
-    import yaml
     from kedro.io import DataCatalog
     from kedro.runner import SequentialRunner
     from kedro_mlflow.io.metrics import MlflowMetricsHistoryDataset
@@ -181,28 +180,26 @@ def test_cross_validation_pipeline_trains_each_fold_and_reports(
     catalog["cv_mlflow_metrics"] = MlflowMetricsHistoryDataset(
         prefix="cv_mlflow_metrics"
     )
-    params = yaml.safe_load(
-        (project_root / "conf/base/parameters_cross_validation.yml").read_text()
-    )["cross_validation"]
-    params.update(checkpoint_dir=str(tmp_path / "cv"), predict={"device": "cpu"})
-    training = {
-        "train": {
-            "arch": "test_efficientnet",
-            "pretrained": False,
-            "allow_random_init": True,
-            "input_size": [48, 64],
-            "epochs": 2,
-            "batch_size": 16,
-            "eval_batch_size": 32,
-            "ema": False,
-            "amp": "off",
-            "channels_last": False,
-            "device": "cpu",
-            "progress": False,
-            "data_path": "dataloader",
-            "num_workers": 0,
-        }
-    }
+    params = project_params()["cross_validation"]
+    params.update(checkpoint_dir=str(tmp_path / "cv"))
+    params["predict"]["device"] = "cpu"
+    training = project_params()["training"]
+    training["train"] = train_params(
+        arch="test_efficientnet",
+        pretrained=False,
+        allow_random_init=True,
+        input_size=[48, 64],
+        epochs=2,
+        batch_size=16,
+        eval_batch_size=32,
+        ema=False,
+        amp="off",
+        channels_last=False,
+        device="cpu",
+        progress=False,
+        data_path="dataloader",
+        num_workers=0,
+    )
     split = folded_small_split
     for name, value in {
         "image_cache": build_image_cache(

@@ -26,7 +26,7 @@ from skin_lesion_classifier.models.ensemble_checkpoint import (
     save_ensemble,
 )
 from skin_lesion_classifier.models.factory import create_model
-from tests.conftest import catalog_section
+from tests.conftest import catalog_section, project_params
 
 
 def _noisy(y: np.ndarray, skill: float, rng) -> np.ndarray:
@@ -201,7 +201,6 @@ def ensemble_run(tmp_path_factory, small_split, project_root):
     """The ensemble pipeline end to end: two tiny architectures trained for two epochs on
     the 56 real images of ``small_split``, their metadata fusions, the ensemble."""
     import mlflow
-    import yaml
     from kedro.io import DataCatalog
     from kedro.runner import SequentialRunner
 
@@ -209,14 +208,10 @@ def ensemble_run(tmp_path_factory, small_split, project_root):
 
     torch.set_num_threads(1)
     out = tmp_path_factory.mktemp("ensemble_run")
-    conf = project_root / "conf/base"
-    params = yaml.safe_load((conf / "parameters_ensemble.yml").read_text())
-    for name in ("parameters_evaluation.yml", "parameters_reporting.yml"):
-        params.update(yaml.safe_load((conf / name).read_text()))
+    params = project_params()
     tiny = {
         "pretrained": False,
         "allow_random_init": True,
-        "input_size": [48, 64],
         "epochs": 2,
         "batch_size": 16,
         "eval_batch_size": 32,
@@ -229,17 +224,12 @@ def ensemble_run(tmp_path_factory, small_split, project_root):
         "data_path": "dataloader",
         "num_workers": 0,
     }
+    params["model_input"].update(num_workers=1, progress=False)
     for m, arch in (("member_1", "test_efficientnet"), ("member_2", "resnet10t")):
         params["ensemble"]["members"][m] = {
-            "model_input": {
-                "input_size": [48, 64],
-                "num_workers": 1,
-                "progress": False,
-            },
-            "training": {
-                "checkpoint_dir": str(out / m),
-                "train": {**tiny, "arch": arch},
-            },
+            "input_size": [48, 64],
+            "checkpoint_dir": str(out / m),
+            "train": {**tiny, "arch": arch},
         }
     params["ensemble"]["fusion"].update(
         hidden=[8],

@@ -16,7 +16,7 @@ from skin_lesion_classifier.evaluation.external import (
     read_external_set,
     read_ground_truth,
 )
-from tests.conftest import catalog_section
+from tests.conftest import catalog_section, fusion_params
 
 
 def isic_ground_truth(meta: pd.DataFrame) -> pd.DataFrame:
@@ -175,13 +175,9 @@ def test_external_pipeline_reports_an_ensemble_with_the_gaps_listed(
         tr,
         load(va),
         va,
-        {
-            "hidden": [8],
-            "epochs": 2,
-            "batch_size": 8,
-            "feature_views": 1,
-            "min_site_count": 1,
-        },
+        fusion_params(
+            hidden=[8], epochs=2, batch_size=8, feature_views=1, min_site_count=1
+        ),
     )
     ckpt = tmp_path / "ensemble.pt"
     save_ensemble(

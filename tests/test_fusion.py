@@ -18,6 +18,7 @@ from skin_lesion_classifier.inference.predict import predict_proba
 from skin_lesion_classifier.models.checkpoint import load_model, make_checkpoint
 from skin_lesion_classifier.models.factory import create_model
 from skin_lesion_classifier.models.fusion import MetadataFusionModel
+from tests.conftest import fusion_params, train_params
 
 
 @pytest.fixture(scope="module")
@@ -202,21 +203,22 @@ def _tiny_trained_model(small_split, size=(48, 64)):
         tr.label.to_numpy(),
         load(va),
         va.label.to_numpy(),
-        {
-            "arch": "test_efficientnet",
-            "pretrained": False,
-            "allow_random_init": True,
-            "input_size": list(size),
-            "epochs": 2,
-            "batch_size": 16,
-            "eval_batch_size": 32,
-            "ema": False,
-            "progress": False,
-            "device": "cpu",
-            "amp": "off",
-            "channels_last": False,
-            "lr": 3e-3,
-        },
+        train_params(
+            arch="test_efficientnet",
+            pretrained=False,
+            allow_random_init=True,
+            input_size=list(size),
+            epochs=2,
+            batch_size=16,
+            eval_batch_size=32,
+            ema=False,
+            progress=False,
+            device="cpu",
+            amp="off",
+            channels_last=False,
+            lr=3e-3,
+            num_workers=0,
+        ),
         device="cpu",
     )
     return result, load
@@ -243,15 +245,15 @@ def test_second_stage_fusion_starts_at_the_image_model_and_trains(small_split):
     np.testing.assert_allclose(p0, p_base, atol=1e-5)
     assert meta0["uses_metadata"] and meta0["model_kwargs"]["metadata_dim"] == enc.dim
 
-    cfg = {
-        "hidden": [16],
-        "epochs": 6,
-        "batch_size": 8,
-        "feature_views": 2,
-        "min_site_count": 1,
-        "lr": 1e-2,
-        "patience": 6,
-    }
+    cfg = fusion_params(
+        hidden=[16],
+        epochs=6,
+        batch_size=8,
+        feature_views=2,
+        min_site_count=1,
+        lr=1e-2,
+        patience=6,
+    )
     x_tr = load(tr)
     fusion = train_fusion_head(base.model, meta, x_tr, tr, x_va, va, cfg)
     control = train_fusion_head(

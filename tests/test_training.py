@@ -16,12 +16,17 @@ from skin_lesion_classifier.data.augment import (
 from skin_lesion_classifier.data.cache import ImageCache, build_image_cache
 from skin_lesion_classifier.inference.predict import predict_proba
 from skin_lesion_classifier.models.checkpoint import load_model
-from skin_lesion_classifier.training.config import TrainConfig
 from skin_lesion_classifier.training.engine import _UInt8Dataset, train_model
 from skin_lesion_classifier.training.losses import FocalLoss, build_loss, class_weights
 from skin_lesion_classifier.training.sampler import epoch_indices
+from tests.conftest import train_params
 
 SIZE = (64, 64)
+
+
+def augment_config(options: dict) -> AugmentConfig:
+    """``training.train.augment`` of conf/base with ``options`` on top."""
+    return AugmentConfig.from_dict(train_params(augment=options)["augment"])
 
 
 @pytest.fixture(autouse=True)
@@ -61,7 +66,7 @@ def tiny_config(**overrides) -> dict:
         "seed": 0,
     }
     cfg.update(overrides)
-    return cfg
+    return train_params(**cfg)
 
 
 def _train(cache, parts, checkpoint_dir=None, **overrides):
@@ -79,7 +84,7 @@ def _train(cache, parts, checkpoint_dir=None, **overrides):
 # ----------------------------------------------------------------------- augmentation
 def test_augment_batch_keeps_shapes_and_range_on_real_images(cache, parts):
     images = torch.from_numpy(cache.take(parts["train"].image_id))
-    cfg = AugmentConfig.from_dict({})
+    cfg = augment_config({})
     out = augment_batch(images, cfg)
     assert out.shape == (len(images), 3, *SIZE) and out.dtype == torch.float32
     assert 0.0 <= float(out.min()) and float(out.max()) <= 1.0
@@ -91,13 +96,13 @@ def test_augment_batch_keeps_shapes_and_range_on_real_images(cache, parts):
         32,
         48,
     )
-    off = augment_batch(images, AugmentConfig.from_dict({"enabled": False}))
+    off = augment_batch(images, augment_config({"enabled": False}))
     assert torch.equal(off, plain)
 
 
 def test_augment_flip_is_exact(cache, parts):
     images = torch.from_numpy(cache.take(parts["train"].image_id[:4]))
-    only_hflip = AugmentConfig.from_dict(
+    only_hflip = augment_config(
         {
             "hflip": 1.0,
             "vflip": 0.0,
@@ -116,7 +121,7 @@ def test_augment_flip_is_exact(cache, parts):
 
 def test_dataloader_path_keeps_labels_and_shapes(cache, parts):
     tr = parts["train"]
-    tf = torchvision_transform(AugmentConfig.from_dict({}), SIZE, [0.5] * 3, [0.5] * 3)
+    tf = torchvision_transform(augment_config({}), SIZE, [0.5] * 3, [0.5] * 3)
     ds = _UInt8Dataset(cache.take(tr.image_id), tr.label.to_numpy(), tf)
     for i in range(len(ds)):
         x, y = ds[i]
@@ -128,7 +133,11 @@ def test_bad_augmentation_options_fail_clearly():
     with pytest.raises(ValueError, match="unknown augmentation option"):
         AugmentConfig.from_dict({"rotate": 10})
     with pytest.raises(ValueError, match="zoom"):
-        AugmentConfig.from_dict({"zoom": [1.2, 0.8]})
+        augment_config({"zoom": [1.2, 0.8]})
+    with pytest.raises(ValueError, match=r"missing augmentation option.*'vflip'"):
+        AugmentConfig.from_dict(
+            {k: v for k, v in train_params()["augment"].items() if k != "vflip"}
+        )
 
 
 # ----------------------------------------------------------------------- losses, sampler
@@ -332,17 +341,3 @@ def test_image_cache_from_full_size_originals(samples_dir):
     assert cache.take([meta.image_id[3]]).shape == (1, 96, 128, 3)
     with pytest.raises(KeyError, match="not in the image cache"):
         cache.take(["ISIC_none"])
-
-
-def test_train_config_reads_the_shipped_yaml(project_root):
-    import yaml
-
-    for env in ("base", "quick"):
-        params = yaml.safe_load(
-            (project_root / "conf" / env / "parameters_training.yml").read_text()
-        )
-        cfg = TrainConfig.from_dict(params["training"]["train"])
-        size = yaml.safe_load(
-            (project_root / "conf" / env / "parameters_model_input.yml").read_text()
-        )
-        assert list(cfg.input_size) == size["model_input"]["input_size"]

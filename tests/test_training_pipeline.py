@@ -24,6 +24,7 @@ from skin_lesion_classifier.pipelines.model_input import (
 from skin_lesion_classifier.pipelines.training import (
     create_pipeline as training_pipeline,
 )
+from tests.conftest import train_params
 
 EPOCHS = 2
 
@@ -45,25 +46,26 @@ def test_training_pipeline_runs_and_logs_to_mlflow(tmp_path, small_split, mlflow
     model_path = tmp_path / "06_models" / "model.pt"
     params = {
         "checkpoint_dir": str(tmp_path / "checkpoints"),
-        "mlflow_model": {"device": "cpu", "batch_size": 16},
+        "mlflow_model": {"device": "cpu", "batch_size": 16, "tta": False},
         "registry": {
             "model_name": "slc-training-test",
             "champion_alias": "champion",
             "champion_metric": "val_balanced_accuracy",
         },
-        "train": {
-            "arch": "test_efficientnet",
-            "pretrained": False,
-            "allow_random_init": True,
-            "input_size": [64, 64],
-            "epochs": EPOCHS,
-            "batch_size": 8,
-            "lr": 3e-3,
-            "progress": False,
-            "ema": True,
-            "ema_decay": 0.9,
-            "data_path": "dataloader",
-        },
+        "train": train_params(
+            arch="test_efficientnet",
+            pretrained=False,
+            allow_random_init=True,
+            input_size=[64, 64],
+            epochs=EPOCHS,
+            batch_size=8,
+            lr=3e-3,
+            progress=False,
+            ema=True,
+            ema_decay=0.9,
+            data_path="dataloader",
+            num_workers=0,
+        ),
     }
     catalog = DataCatalog(
         {

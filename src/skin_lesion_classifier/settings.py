@@ -1,9 +1,25 @@
-"""Project settings. See https://docs.kedro.org/en/stable/configure/configuration_basics/"""
+"""Project settings. See https://docs.kedro.org/en/stable/configure/configuration_basics/
+
+Every parameter has its one default in ``conf/base``; an environment (``conf/quick``,
+``conf/local``) names only the keys it changes: parameters and globals are *soft*-merged
+(nested mappings are merged key by key; a list or a scalar replaces the base value).
+"""
 
 import os
+import warnings
 from pathlib import Path
 
 from kedro.config import OmegaConfigLoader  # noqa: F401
+
+# Kedro 1.7's config loader registers its resolvers (globals, runtime_params and ours) with
+# OmegaConf 2.4's deprecated register_new_resolver(); nothing in this project can change
+# that call, so its deprecation notice is not shown on every run.
+warnings.filterwarnings(
+    "ignore",
+    message=r"register_new_resolver\(\) is deprecated",
+    category=UserWarning,
+    module=r"kedro\.config\.omegaconf_config",
+)
 
 
 def _env(name: str, default: str | None = None) -> str | None:
@@ -20,4 +36,5 @@ CONFIG_LOADER_ARGS = {
     "base_env": "base",
     "default_run_env": "local",
     "custom_resolvers": {"env": _env, "package_dir": _package_dir},
+    "merge_strategy": {"parameters": "soft", "globals": "soft"},
 }

@@ -16,11 +16,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+
+from skin_lesion_classifier.config_defaults import check_keys
 
 # ITU-R 601 luma weights, as torchvision's rgb_to_grayscale.
 _LUMA = (0.299, 0.587, 0.114)
@@ -28,32 +30,29 @@ _LUMA = (0.299, 0.587, 0.114)
 
 @dataclass
 class AugmentConfig:
-    """Augmentation knobs. Probabilities are per sample; ranges are sampled uniformly."""
+    """Augmentation knobs. Probabilities are per sample; ranges are sampled uniformly.
+    The defaults are ``training.train.augment`` in ``conf/base/parameters_training.yml``."""
 
-    enabled: bool = True
-    hflip: float = 0.5
-    vflip: float = 0.5
-    rotation: float = 180.0  # max degrees either way
-    zoom: tuple[float, float] = (0.8, 1.2)  # >1 magnifies
-    translate: float = 0.0  # max shift as a fraction of the side
-    crop_p: float = 0.5  # probability of a random resized crop
-    crop_scale: tuple[float, float] = (0.6, 1.0)  # area fraction kept
-    crop_ratio: tuple[float, float] = (0.8, 1.25)  # aspect change of the crop
-    brightness: float = 0.2
-    contrast: float = 0.2
-    saturation: float = 0.2
-    padding_mode: str = "reflection"  # grid_sample padding for rotated corners
+    enabled: bool
+    hflip: float
+    vflip: float
+    rotation: float  # max degrees either way
+    zoom: tuple[float, float]  # >1 magnifies
+    translate: float  # max shift as a fraction of the side
+    crop_p: float  # probability of a random resized crop
+    crop_scale: tuple[float, float]  # area fraction kept
+    crop_ratio: tuple[float, float]  # aspect change of the crop
+    brightness: float
+    contrast: float
+    saturation: float
+    padding_mode: str  # grid_sample padding for rotated corners
 
     @classmethod
     def from_dict(cls, params: Mapping[str, Any] | None) -> AugmentConfig:
-        """Build from a parameters dict; unknown keys raise ``ValueError`` naming them."""
+        """Build from a parameters dict; unknown or missing keys raise ``ValueError``
+        naming them."""
         params = dict(params or {})
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(params) - known)
-        if unknown:
-            raise ValueError(
-                f"unknown augmentation option(s) {unknown}; known: {sorted(known)}"
-            )
+        check_keys(cls, params, "augmentation")
         for key in ("zoom", "crop_scale", "crop_ratio"):
             if key in params:
                 params[key] = tuple(float(v) for v in params[key])

@@ -24,23 +24,32 @@ import pandas as pd
 import torch
 import yaml
 
+from skin_lesion_classifier.config_defaults import resolved_parameters
 from skin_lesion_classifier.constants import CLASS_TO_INDEX
 from skin_lesion_classifier.data.cache import build_image_cache
 from skin_lesion_classifier.data.images import IMAGE_SUFFIXES
 from skin_lesion_classifier.data.splitting import stratified_group_split
 from skin_lesion_classifier.device import detect_device
 from skin_lesion_classifier.inference.predict import predict_proba
-from skin_lesion_classifier.training.config import TrainConfig
+from skin_lesion_classifier.training.config import TrainConfig, base_train_params
 from skin_lesion_classifier.training.engine import classification_scores, train_model
 
 
 def load_train_config(path: str | Path) -> dict[str, Any]:
-    """The ``train`` options from a parameters file (``training: {train: ...}``) or a
-    plain mapping of :class:`TrainConfig` fields."""
-    data = yaml.safe_load(Path(path).read_text()) or {}
+    """The ``train`` options as ``kedro run`` resolves them: for a parameters file of a
+    Kedro environment (``conf/<env>/parameters_training.yml``) ``training.train`` of that
+    environment on top of ``conf/base`` (with its ``globals.yml``); for any other file its
+    ``training.train`` or plain mapping of :class:`TrainConfig` fields on top of
+    ``conf/base``'s."""
+    path = Path(path).resolve()
+    if (path.parent.parent / "base").is_dir() and path.name.startswith("parameters"):
+        return resolved_parameters("training", path.parent.name, path.parent.parent)[
+            "train"
+        ]
+    data = yaml.safe_load(path.read_text()) or {}
     if "training" in data:
         data = data["training"]
-    return dict(data.get("train", data))
+    return base_train_params(data.get("train", data))
 
 
 def find_images(data_dir: Path) -> dict[str, Path]:

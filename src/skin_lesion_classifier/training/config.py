@@ -1,11 +1,20 @@
-"""The training configuration: one dataclass filled from ``parameters_training.yml``."""
+"""The training configuration: one dataclass filled from ``parameters_training.yml``.
+
+:class:`TrainConfig` has no defaults of its own: every field has its one default in
+``conf/base/parameters_training.yml`` (``training.train``), which Kedro hands over
+resolved and code without Kedro reads with :func:`base_train_params`."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass
 from typing import Any
 
+from skin_lesion_classifier.config_defaults import (
+    check_keys,
+    resolved_parameters,
+    soft_merge,
+)
 from skin_lesion_classifier.data.augment import AugmentConfig
 from skin_lesion_classifier.training.losses import LOSSES
 from skin_lesion_classifier.training.schedulers import SCHEDULERS
@@ -29,63 +38,60 @@ class TrainConfig:
         concatenate features of several stages. The result is still one ordinary model.
     """
 
-    arch: str = "tf_efficientnet_lite0"
-    pretrained: bool = True
-    allow_random_init: bool = False
-    model_kwargs: dict[str, Any] = field(default_factory=dict)
-    input_size: tuple[int, int] = (192, 256)
-    train_mode: str = "finetune"
-    feature_views: int = 4
-    epochs: int = 30
-    batch_size: int = 128
-    eval_batch_size: int = 256
-    optimizer: str = "adamw"
-    lr: float = 1e-3
-    backbone_lr_mult: float = 1.0
-    weight_decay: float = 1e-2
-    grad_accum_steps: int = 1
-    grad_clip: float = 1.0
-    scheduler: str = "cosine_warmup"
-    warmup_epochs: float = 1.0
-    min_lr_ratio: float = 0.01
-    restart_epochs: int = 5
-    restart_mult: int = 1
-    plateau_factor: float = 0.5
-    plateau_patience: int = 2
-    loss: str = "ce"
-    label_smoothing: float = 0.1
-    class_weight_power: float = 0.0
-    focal_gamma: float = 2.0
-    sampler_power: float = 0.5
-    samples_per_epoch: int | None = None
-    augment: dict[str, Any] = field(default_factory=dict)
-    amp: str = "auto"
-    channels_last: bool = True
-    compile: bool = False
-    ema: bool = True
-    ema_decay: float = 0.999
-    monitor: str = "val_balanced_accuracy"
-    patience: int = 8
-    min_delta: float = 0.0
-    max_train_minutes: float | None = None
-    seed: int = 42
-    deterministic: bool = False
-    device: str = "auto"
-    data_path: str = "auto"
-    num_workers: int = 0
-    progress: bool = True
-    resume: bool = True
+    arch: str
+    pretrained: bool
+    allow_random_init: bool
+    model_kwargs: dict[str, Any]
+    input_size: tuple[int, int]
+    train_mode: str
+    feature_views: int
+    epochs: int
+    batch_size: int
+    eval_batch_size: int
+    optimizer: str
+    lr: float
+    backbone_lr_mult: float
+    weight_decay: float
+    grad_accum_steps: int
+    grad_clip: float
+    scheduler: str
+    warmup_epochs: float
+    min_lr_ratio: float
+    restart_epochs: int
+    restart_mult: int
+    plateau_factor: float
+    plateau_patience: int
+    loss: str
+    label_smoothing: float
+    class_weight_power: float
+    focal_gamma: float
+    sampler_power: float
+    samples_per_epoch: int | None
+    augment: dict[str, Any]
+    amp: str
+    channels_last: bool
+    compile: bool
+    ema: bool
+    ema_decay: float
+    monitor: str
+    patience: int
+    min_delta: float
+    max_train_minutes: float | None
+    seed: int
+    deterministic: bool
+    device: str
+    data_path: str
+    num_workers: int
+    progress: bool
+    resume: bool
 
     @classmethod
     def from_dict(cls, params: Mapping[str, Any] | None) -> TrainConfig:
-        """Build and validate; unknown keys and bad values raise ``ValueError`` naming them."""
+        """Build and validate; unknown or missing keys and bad values raise ``ValueError``
+        naming them. The defaults are ``training.train`` in ``conf/base`` (see
+        :func:`base_train_params`)."""
         params = dict(params or {})
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(params) - known)
-        if unknown:
-            raise ValueError(
-                f"unknown training option(s) {unknown}; known: {sorted(known)}"
-            )
+        check_keys(cls, params, "training")
         cfg = cls(**params)
         cfg.validate()
         return cfg
@@ -144,3 +150,9 @@ class TrainConfig:
         d = asdict(self)
         d["input_size"] = list(self.input_size)
         return d
+
+
+def base_train_params(overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """``training.train`` of ``conf/base`` with ``overrides`` soft-merged on top (nested
+    mappings such as ``augment`` merge key by key)."""
+    return soft_merge(resolved_parameters("training")["train"], dict(overrides or {}))

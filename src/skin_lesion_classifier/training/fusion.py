@@ -13,7 +13,7 @@ import copy
 import logging
 import math
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
@@ -21,6 +21,7 @@ import pandas as pd
 import torch
 from torch import nn
 
+from skin_lesion_classifier.config_defaults import check_keys
 from skin_lesion_classifier.data.augment import AugmentConfig
 from skin_lesion_classifier.data.metadata_features import MetadataEncoder
 from skin_lesion_classifier.models.checkpoint import make_checkpoint
@@ -38,36 +39,33 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class FusionHeadConfig:
-    """Knobs of :func:`train_fusion_head` (``parameters_ensemble.yml`` ``fusion:``)."""
+    """Knobs of :func:`train_fusion_head`; their defaults are ``ensemble.fusion`` in
+    ``conf/base/parameters_ensemble.yml``."""
 
-    hidden: list[int] = field(default_factory=lambda: [64, 64])
-    dropout: float = 0.2
-    metadata_dropout: float = 0.1
-    field_dropout: float = 0.0
-    min_site_count: int = 10
-    train_image_head: bool = True
-    epochs: int = 40
-    batch_size: int = 256
-    lr: float = 1e-3
-    weight_decay: float = 1e-2
-    label_smoothing: float = 0.1
-    class_weight_power: float = 0.0
-    sampler_power: float = 0.5
-    feature_views: int = 2
-    augment: dict[str, Any] = field(default_factory=dict)
-    patience: int = 10
-    seed: int = 42
-    eval_batch_size: int = 256
+    hidden: list[int]
+    dropout: float
+    metadata_dropout: float
+    field_dropout: float
+    min_site_count: int
+    train_image_head: bool
+    epochs: int
+    batch_size: int
+    lr: float
+    weight_decay: float
+    label_smoothing: float
+    class_weight_power: float
+    sampler_power: float
+    feature_views: int
+    augment: dict[str, Any]
+    patience: int
+    seed: int
+    eval_batch_size: int
 
     @classmethod
     def from_dict(cls, params: Mapping[str, Any] | None) -> FusionHeadConfig:
+        """Build from ``ensemble.fusion``; unknown or missing keys raise ``ValueError``."""
         params = dict(params or {})
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(params) - known)
-        if unknown:
-            raise ValueError(
-                f"unknown fusion option(s) {unknown}; known: {sorted(known)}"
-            )
+        check_keys(cls, params, "fusion")
         cfg = cls(**params)
         if cfg.epochs < 1 or cfg.batch_size < 1 or cfg.feature_views < 1:
             raise ValueError("fusion epochs, batch_size and feature_views must be >= 1")

@@ -70,10 +70,8 @@ def cross_validate(
     fold. Returns the out-of-fold predictions (``fold`` column) and the per-fold training
     histories (``fold`` column)."""
     folds = check_folds(split_assignment)
-    inner = bool(params.get("inner_validation", True))
-    base_dir = Path(
-        str(params.get("checkpoint_dir", "data/06_models/cross_validation"))
-    )
+    inner = bool(params["inner_validation"])
+    base_dir = Path(str(params["checkpoint_dir"]))
     preds, histories = {}, []
     for k in folds:
         assignment = fold_assignment(split_assignment, k, inner)
@@ -82,7 +80,7 @@ def cross_validate(
             "checkpoint_dir": str(base_dir / f"fold_{k}"),
             "train": {
                 **dict(training_params["train"]),
-                **dict(params.get("train_overrides") or {}),
+                **dict(params["train_overrides"]),
             },
         }
         logger.info(
@@ -111,8 +109,8 @@ def summarize_cross_validation(
     pooled = pooled_oof_metrics(oof_predictions)
     config = {
         "folds": len(per_fold),
-        "inner_validation": bool(params.get("inner_validation", True)),
-        "train_overrides": dict(params.get("train_overrides") or {}),
+        "inner_validation": bool(params["inner_validation"]),
+        "train_overrides": dict(params["train_overrides"]),
     }
     out = to_jsonable(
         {

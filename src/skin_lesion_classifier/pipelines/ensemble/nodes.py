@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from skin_lesion_classifier.config_defaults import soft_merge
 from skin_lesion_classifier.data.metadata_features import (
     MetadataEncoder,
     with_metadata,
@@ -42,6 +43,32 @@ from skin_lesion_classifier.training.fusion import fusion_features, train_fusion
 logger = logging.getLogger(__name__)
 
 ID_COLUMNS = ["image_id", "lesion_id", "split", "dx", "label"]
+
+
+MEMBER_KEYS = ("input_size", "checkpoint_dir", "train")
+
+
+def member_parameters(
+    model_input: Mapping[str, Any],
+    training: Mapping[str, Any],
+    member: Mapping[str, Any],
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A member's ``model_input`` and ``training`` parameters: the project's, with the
+    member's ``input_size`` (declared once, for its image cache and its model), its
+    ``checkpoint_dir`` and the ``train`` keys it names on top (soft merge)."""
+    keys = set(member)
+    if keys != set(MEMBER_KEYS):
+        raise ValueError(
+            f"an ensemble member has the keys {list(MEMBER_KEYS)}; got {sorted(keys)} "
+            f"(unknown: {sorted(keys - set(MEMBER_KEYS))}, "
+            f"missing: {sorted(set(MEMBER_KEYS) - keys)})"
+        )
+    size = list(member["input_size"])
+    train = soft_merge(training["train"], {**dict(member["train"]), "input_size": size})
+    return (
+        {**dict(model_input), "input_size": size},
+        {**dict(training), "checkpoint_dir": member["checkpoint_dir"], "train": train},
+    )
 
 
 def _images(
@@ -73,7 +100,7 @@ def predict_member(
         model_checkpoint,
         split_assignment,
         image_cache if cache_fits else image_index,
-        params.get("predict", {}),
+        params["predict"],
         split,
         image_index=image_index,
     )
@@ -110,9 +137,9 @@ def train_member_fusion(
 
     Returns the fusion checkpoint, its per-epoch history, and the control's validation
     and test predictions (to measure the gain from metadata alone)."""
-    device = detect_device(params.get("predict", {}).get("device", "auto"))
+    device = detect_device(params["predict"]["device"])
     model, meta = load_model(model_checkpoint, device)
-    cfg = dict(params.get("fusion", {}))
+    cfg = dict(params["fusion"])
     rows = {
         s: with_metadata(split_rows(split_assignment, s), image_index)
         for s in ("train", "val", "test")
@@ -143,7 +170,7 @@ def train_member_fusion(
         meta["mean"],
         meta["std"],
         device,
-        int(cfg.get("eval_batch_size", 256)),
+        int(cfg["eval_batch_size"]),
     )
     control_val = predictions_frame(rows["val"], control.val_proba)
     control_test = predictions_frame(
@@ -170,10 +197,10 @@ def fit_ensemble_weights(
     """Weights of ``params["combine"]`` chosen on their validation predictions
     (:func:`evaluation.ensemble.fit_weights`), plus the same for ``params["image_only"]``
     (reported, not saved)."""
-    w = params.get("weights", {})
+    w = params["weights"]
     out = {}
     for key in ("combine", "image_only"):
-        names = list(params.get(key) or [])
+        names = list(params[key] or [])
         if not names:
             continue
         missing = [n for n in names if n not in val_predictions]
@@ -187,8 +214,8 @@ def fit_ensemble_weights(
         fit = fit_weights(
             frames[0]["label"].to_numpy(),
             [probabilities_of(f) for f in frames],
-            objective=w.get("objective", "log_loss"),
-            grid_step=float(w.get("grid_step", 0.05)),
+            objective=w["objective"],
+            grid_step=float(w["grid_step"]),
             names=names,
         )
         out[key] = fit
@@ -286,13 +313,13 @@ def compare(
         for n, f in val.items()
     }
     best = max(singles, key=lambda n: val_ba[n])
-    c = params.get("compare", {})
-    level = float(c.get("level", 0.95))
+    c = params["compare"]
+    level = float(c["level"])
     table = compare_models(
         test,
         best,
-        n_boot=int(c.get("n_boot", 1000)),
-        seed=int(c.get("seed", 0)),
+        n_boot=int(c["n_boot"]),
+        seed=int(c["seed"]),
         level=level,
     )
     table.insert(2, "val_balanced_accuracy", table["model"].map(val_ba))

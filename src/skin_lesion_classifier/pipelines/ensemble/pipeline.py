@@ -3,8 +3,10 @@ fusion, a validation-weighted ensemble evaluated and reported like a single mode
 
 For each member ``m`` of :data:`MEMBERS` (parameters ``ensemble.members.<m>``):
 
-* ``m.*``: the model_input and training pipelines under namespace ``m`` (image cache at
-  the member's size, training, its metrics in MLflow under ``m.``),
+* ``m.*``: the model_input and training pipelines under namespace ``m`` with the
+  project's ``model_input`` / ``training`` parameters and the member's input size,
+  checkpoint folder and ``train`` keys on top (image cache at the member's size,
+  training, its metrics in MLflow under ``m.``),
 * ``m_meta.*``: the member with age, sex and site fused before the classifier (second
   stage on its frozen backbone) and the image-only control trained the same way,
 * ``m.*`` / ``m_meta.*``: val/test predictions, then the evaluation pipeline's decision
@@ -38,6 +40,7 @@ from .nodes import (
     compare_node,
     ensemble_history,
     fit_ensemble_weights,
+    member_parameters,
     predict_member_test,
     predict_member_val,
     train_member_fusion,
@@ -49,16 +52,24 @@ SHARED = {"split_assignment": "split_assignment", "image_index": "image_index"}
 
 
 def _member_training(m: str) -> Pipeline:
-    """model_input + training (without the MLflow pyfunc model) under namespace ``m``."""
-    train = training()
+    """model_input + training (without the MLflow pyfunc model) under namespace ``m``, with
+    the project's parameters and the member's keys on top (:func:`member_parameters`)."""
+    train = training(params="training_params")
     train = train - train.only_nodes_with_outputs("mlflow_model", "model_registration")
+    member = Node(
+        member_parameters,
+        ["params:model_input", "params:training", f"params:ensemble.members.{m}"],
+        ["model_input_params", "training_params"],
+        name="member_parameters",
+    )
     return pipeline(
-        model_input() + train,
+        Pipeline([member]) + model_input(params="model_input_params") + train,
         namespace=m,
         inputs=SHARED,
         parameters={
-            "params:model_input": f"params:ensemble.members.{m}.model_input",
-            "params:training": f"params:ensemble.members.{m}.training",
+            "params:model_input": "params:model_input",
+            "params:training": "params:training",
+            f"params:ensemble.members.{m}": f"params:ensemble.members.{m}",
         },
     )
 

@@ -24,9 +24,7 @@ def list_inputs(params: dict[str, Any]) -> list[str]:
     not predicted go to the errors table with their reason."""
     return [
         str(p)
-        for p in collect_inputs(
-            params["input"], recursive=bool(params.get("recursive", False))
-        )
+        for p in collect_inputs(params["input"], recursive=bool(params["recursive"]))
     ]
 
 
@@ -43,14 +41,14 @@ def predict_images(
     melanoma_flag``, plus ``metadata, metadata_unknown`` for a fusion model), the errors
     table (``image, reason``) and MLflow metrics counting both.
     """
-    metadata = read_metadata_csv(params["metadata"]) if params.get("metadata") else None
+    metadata = read_metadata_csv(params["metadata"]) if params["metadata"] else None
     predictor = open_predictor(
         params["model"],
-        backend=params.get("backend", "auto"),
-        device=detect_device(params.get("device", "cpu")),
-        decision_file=params.get("decision_file"),
-        batch_size=int(params.get("batch_size", 32)),
-        **({"tta": params["tta"]} if params.get("tta") else {}),
+        backend=params["backend"],
+        device=detect_device(params["device"]),
+        decision_file=params["decision_file"],
+        batch_size=int(params["batch_size"]),
+        **({"tta": params["tta"]} if params["tta"] else {}),
     )
     logger.info(
         "Predicting %d file(s) with %s (%s)",
@@ -61,7 +59,7 @@ def predict_images(
     predictions, errors = predict_files(
         predictor,
         paths,
-        batch_size=int(params.get("batch_size", 32)),
+        batch_size=int(params["batch_size"]),
         metadata=metadata,
     )
     metrics = {

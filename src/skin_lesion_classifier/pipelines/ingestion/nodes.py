@@ -60,7 +60,7 @@ def check_image_files(raw_images: pd.DataFrame, params: dict[str, Any]) -> pd.Da
             "no image files found in the raw image folder; run `make data` first"
         )
     first = raw_images[raw_images["duplicate_of"].isna()]
-    checks = check_images(first["path"].tolist(), workers=params.get("workers"))
+    checks = check_images(first["path"].tolist(), workers=params["workers"])
     repeated = raw_images[raw_images["duplicate_of"].notna()]
     if len(repeated):
         extra = pd.DataFrame(
@@ -168,7 +168,7 @@ def build_image_index(
     )
     for a, b, _ in near:
         uf.union(a, b)
-    for a, b in params.get("known_duplicates") or []:
+    for a, b in params["known_duplicates"] or []:
         if a in set(index["image_id"]) and b in set(index["image_id"]):
             uf.union(a, b)
     index["duplicate_group"] = index["image_id"].map(uf.find)

@@ -16,6 +16,6 @@ def build_image_cache_node(
     return build_image_cache(
         image_index,
         params["input_size"],
-        num_workers=int(params.get("num_workers", 2)),
-        progress=bool(params.get("progress", True)),
+        num_workers=int(params["num_workers"]),
+        progress=bool(params["progress"]),
     )

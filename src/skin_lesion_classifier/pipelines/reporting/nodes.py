@@ -35,7 +35,7 @@ def _num(v: Any) -> float:
 
 
 def _with_png(fig: Figure, params: Mapping[str, Any]) -> tuple[Figure, bytes]:
-    return fig, figure_png(fig, dpi=int(params.get("dpi", 110)))
+    return fig, figure_png(fig, dpi=int(params["dpi"]))
 
 
 def plot_training_curves(history: pd.DataFrame, params: Mapping[str, Any]):
@@ -145,7 +145,7 @@ def _mlflow_run(params: Mapping[str, Any]) -> dict[str, Any] | None:
     if run is None:
         return None
     uri = mlflow.get_tracking_uri()
-    base = str(params.get("mlflow_ui_url") or "").rstrip("/")
+    base = str(params["mlflow_ui_url"] or "").rstrip("/")
     if uri.startswith("http"):
         base = uri.rstrip("/")
     url = (
@@ -180,8 +180,8 @@ def build_report(
         "train_class_counts": metrics.get("train_class_counts", {}),
     }
     run = _mlflow_run(params)
-    title = str(params.get("title", "Skin-lesion classifier: evaluation report"))
-    folder = str(params.get("figure_dir", "figures")).rstrip("/")
+    title = str(params["title"])
+    folder = str(params["figure_dir"]).rstrip("/")
     md = build_markdown(
         metrics,
         summary,

@@ -32,7 +32,7 @@ def assign_splits(image_index: pd.DataFrame, params: dict[str, Any]) -> pd.DataF
         out["dx"], out["group_id"], sizes, seed=params["seed"]
     )
     out["fold"] = -1
-    n_folds = int(params.get("n_folds") or 0)
+    n_folds = int(params["n_folds"])
     if n_folds >= 2:
         dev = out["split"] != "test"
         out.loc[dev, "fold"] = group_kfold(

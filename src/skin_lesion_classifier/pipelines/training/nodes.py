@@ -34,7 +34,7 @@ def train_classifier(
         image_cache.take(val["image_id"]),
         val["label"].to_numpy(),
         cfg,
-        checkpoint_dir=params.get("checkpoint_dir"),
+        checkpoint_dir=params["checkpoint_dir"],
     )
     return result.checkpoint, result.history, history_to_metrics(result.history)
 
@@ -66,11 +66,9 @@ def make_mlflow_model(model_checkpoint: dict[str, Any], params: dict[str, Any]):
     saved ``model_checkpoint`` file (see ``conf/base/catalog.yml``)."""
     from skin_lesion_classifier.mlflow_model import SkinLesionPyfunc
 
-    opts = params.get("mlflow_model", {})
+    opts = params["mlflow_model"]
     return SkinLesionPyfunc(
-        device=opts.get("device", "auto"),
-        batch_size=int(opts.get("batch_size", 64)),
-        tta=opts.get("tta", False),
+        device=opts["device"], batch_size=int(opts["batch_size"]), tta=opts["tta"]
     )
 
 

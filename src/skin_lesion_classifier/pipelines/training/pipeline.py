@@ -11,12 +11,14 @@ from .nodes import (
 )
 
 
-def create_pipeline(**kwargs) -> Pipeline:
+def create_pipeline(params: str = "params:training", **kwargs) -> Pipeline:
+    """``params``: where the ``training`` parameters come from (the ensemble feeds each
+    member's from a node that puts the member's keys on top of ``params:training``)."""
     return Pipeline(
         [
             Node(
                 train_classifier,
-                ["image_cache", "split_assignment", "params:training"],
+                ["image_cache", "split_assignment", params],
                 ["model_checkpoint", "training_history", "training_metrics"],
                 name="train_classifier",
             ),
@@ -28,7 +30,7 @@ def create_pipeline(**kwargs) -> Pipeline:
             ),
             Node(
                 make_mlflow_model,
-                ["model_checkpoint", "params:training"],
+                ["model_checkpoint", params],
                 "mlflow_model",
                 name="log_mlflow_model",
             ),
