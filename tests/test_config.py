@@ -135,3 +135,38 @@ def test_soft_merge_merges_mappings_and_replaces_the_rest():
     out = soft_merge(base, {"a": {"y": [3]}, "c": None})
     assert out == {"a": {"x": 1, "y": [3]}, "b": 2, "c": None}
     assert base == {"a": {"x": 1, "y": [1, 2]}, "b": 2}
+
+
+LAYERS = {
+    "raw",
+    "intermediate",
+    "primary",
+    "model_input",
+    "models",
+    "model_output",
+    "reporting",
+}
+
+
+@pytest.mark.parametrize("env", ENVS)
+def test_every_catalog_entry_names_its_kedro_viz_layer(env):
+    """kedro-viz groups the graph by these layers; every dataset (factories included)
+    carries one, and the resolved catalog builds with it."""
+    from kedro.config import OmegaConfigLoader
+    from kedro.io import DataCatalog
+
+    from skin_lesion_classifier.settings import CONFIG_LOADER_ARGS
+    from tests.conftest import PROJECT_ROOT
+
+    conf = OmegaConfigLoader(str(PROJECT_ROOT / "conf"), env=env, **CONFIG_LOADER_ARGS)
+    catalog_conf = conf["catalog"]
+    layers = {n: e["metadata"]["kedro-viz"]["layer"] for n, e in catalog_conf.items()}
+    assert set(layers.values()) <= LAYERS
+    assert layers["raw_metadata"] == "raw" and layers["split_assignment"] == "primary"
+    catalog = DataCatalog.from_config(catalog_conf)
+    for name in ("image_cache", "model_checkpoint", "member_1.image_cache"):
+        assert catalog.get(name).metadata["kedro-viz"]["layer"] in LAYERS, name
+    size = project_params(env)["model_input"]["input_size"]
+    assert catalog_conf["image_cache"]["path"].endswith(
+        f"image_cache_{size[0]}x{size[1]}"
+    )

@@ -88,7 +88,7 @@ class SkinLesionPyfunc(mlflow.pyfunc.PythonModel):
         )
 
     def predict(
-        self, context, model_input, params: dict[str, Any] | None = None
+        self, context, model_input: pd.DataFrame, params: dict[str, Any] | None = None
     ) -> pd.DataFrame:
         if self.predictor is None:
             self.load_context(context)
