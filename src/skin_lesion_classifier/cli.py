@@ -34,6 +34,9 @@ import click
 
 from skin_lesion_classifier.api.model_source import DEFAULT_MODEL
 
+#: Exit status of ``serve`` when the model cannot be loaded (as uvicorn's failed start-up).
+SERVE_STARTUP_FAILED = 3
+
 logger = logging.getLogger("skin_lesion_classifier.cli")
 
 DEFAULT_SAMPLES = "../shared/data/ham10000-samples/images"
@@ -118,7 +121,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-upload-bytes",
         type=int,
         default=None,
-        help="largest accepted picture (default 10 MiB)",
+        help="largest accepted picture (default: SLC_MAX_UPLOAD_BYTES, else 10 MiB)",
+    )
+    p.add_argument(
+        "--max-pixels",
+        type=int,
+        default=None,
+        help="largest accepted picture in pixels, checked before decoding (default: "
+        "SLC_MAX_PIXELS, else 40 million)",
     )
     p.add_argument(
         "--threads", type=int, default=0, help="intra-op threads (0 = library default)"
@@ -293,6 +303,12 @@ def _metadata_summary(predictor: Any, predictions: Any, source: str | None) -> s
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
+    from skin_lesion_classifier.api.app import (
+        ServiceSettings,
+        create_app,
+        load_predictor_for,
+    )
+
     env = {
         "SLC_MODEL": args.model,
         "SLC_BACKEND": args.backend,
@@ -306,15 +322,30 @@ def cmd_serve(args: argparse.Namespace) -> int:
         env["SLC_EXPLAIN_CHECKPOINT"] = args.explain_checkpoint
     if args.max_upload_bytes:
         env["SLC_MAX_UPLOAD_BYTES"] = str(args.max_upload_bytes)
+    if args.max_pixels:
+        env["SLC_MAX_PIXELS"] = str(args.max_pixels)
     os.environ.update(env)  # read by ServiceSettings, also in --reload's child process
+    settings = ServiceSettings()
+    try:  # load here, so a bad model file ends with one clear line, not tracebacks
+        predictor = load_predictor_for(settings)
+    except Exception as exc:  # noqa: BLE001 - any loading failure: its message, rc 3
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc)
+        sys.stderr.write(f"error: {first[:500]}\n")
+        return SERVE_STARTUP_FAILED
+    app = (
+        "skin_lesion_classifier.api.app:create_app"
+        if args.reload
+        else create_app(settings, predictor=predictor)
+    )
     uvicorn.run(
-        "skin_lesion_classifier.api.app:create_app",
-        factory=True,
+        app,
+        factory=args.reload,
         host=args.host,
         port=args.port,
         reload=args.reload,
         reload_dirs=[str(Path(__file__).parent)] if args.reload else None,
         log_level=args.log_level,
+        server_header=False,
     )
     return 0
 

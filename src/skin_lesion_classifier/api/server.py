@@ -51,6 +51,7 @@ class LocalServer:
         cmd = [
             sys.executable, "-m", "uvicorn", "skin_lesion_classifier.api.app:create_app",
             "--factory", "--host", LOOPBACK, "--port", str(self.port), "--log-level", "warning",
+            "--no-server-header",
         ]  # fmt: skip
         if self.log_path:
             self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in __exit__

@@ -571,7 +571,7 @@ def load_predictor(
     if backend == "onnx" and not is_onnx:
         raise ValueError(
             f"{path}: the onnx backend needs an .onnx file; export one with "
-            "`skin-lesion-classifier export-onnx --model {path}`"
+            f"`skin-lesion-classifier export-onnx --model {path}`"
         )
     if is_onnx:
         pred = OnnxPredictor(
