@@ -265,7 +265,7 @@ def test_prediction_from_the_image_cache_equals_prediction_from_paths(pipeline_r
 
     split = pipeline_run["split"]
     checkpoint, _ = _train_tiny_model(split)
-    params = {"device": "cpu", "tta": False}
+    params = {"device": "cpu", "batch_size": 64, "tta": False}
     test_rows = split[split.split == "test"]
     cache = build_image_cache(test_rows, SIZE, num_workers=1, progress=False)
     from_cache = predict_test(checkpoint, split, cache, params)

@@ -126,7 +126,7 @@ def test_evaluation_predict_split_feeds_each_rows_metadata(
     split_assignment = small_split.drop(
         columns=["path", "age", "sex", "localization", "dx_type"]
     )
-    params = {"device": "cpu", "tta": False}
+    params = {"device": "cpu", "batch_size": 64, "tta": False}
     frame = predict_split(
         models["fusion"], split_assignment, small_split, params, "test"
     )
@@ -157,7 +157,7 @@ def test_evaluation_from_the_image_cache_needs_metadata_from_somewhere(
     split_assignment = small_split.drop(columns=["path", "age", "sex", "localization"])
     test_rows = small_split[small_split.split == "test"]
     cache = build_image_cache(test_rows, FUSION_SIZE, num_workers=1, progress=False)
-    params = {"device": "cpu"}
+    params = {"device": "cpu", "batch_size": 64, "tta": False}
     with pytest.raises(ValueError, match="image_index"):
         predict_split(models["fusion"], split_assignment, cache, params, "test")
     from_cache = predict_split(
@@ -192,7 +192,7 @@ def test_rows_with_unknown_sex_and_blank_age(
         models["fusion"],
         rows.drop(columns=["age", "sex", "localization"]),
         rows,
-        {"device": "cpu"},
+        {"device": "cpu", "batch_size": 64, "tta": False},
         "test",
     )
     p = frame[list(PROB_COLUMNS)].to_numpy()

@@ -66,9 +66,9 @@ def predict_split(
     """
     predictor = TorchPredictor.from_checkpoint(
         _checkpoint_source(model_checkpoint),
-        device=detect_device(params.get("device", "auto")),
-        batch_size=int(params.get("batch_size", 64)),
-        tta=params.get("tta", False),
+        device=detect_device(params["device"]),
+        batch_size=int(params["batch_size"]),
+        tta=params["tta"],
     )
     rows = split_rows(split_assignment, split)
     if image_index is None and isinstance(images, pd.DataFrame):
@@ -81,7 +81,7 @@ def predict_split(
         "predicted %d %s images (tta=%s, metadata=%s)",
         len(rows),
         split,
-        params.get("tta"),
+        params["tta"],
         extra is not None,
     )
     return predictions_frame(rows, prob)
@@ -115,21 +115,19 @@ def choose_rule(
             "decision rules are chosen on validation only; got predictions of splits "
             f"{sorted(set(val_predictions['split']))}"
         )
-    d = params.get("decision", {})
-    mel = params.get("melanoma", {})
+    d = params["decision"]
+    mel = params["melanoma"]
     rule = choose_decision_rule(
         val_predictions["label"].to_numpy(),
         probabilities_of(val_predictions),
         _train_counts(model_checkpoint, split_assignment),
         val_predictions["lesion_id"].to_numpy(),
-        candidates=tuple(
-            d.get("candidates", ("argmax", "prior_correction", "class_weights"))
-        ),
-        target_prior=d.get("target_prior", "uniform"),
-        melanoma_target_sensitivity=mel.get("target_sensitivity", 0.90),
-        n_folds=int(d.get("n_folds", 5)),
-        min_gain=float(d.get("min_gain", 0.0)),
-        n_sweeps=int(d.get("n_sweeps", 3)),
+        candidates=tuple(d["candidates"]),
+        target_prior=d["target_prior"],
+        melanoma_target_sensitivity=mel["target_sensitivity"],
+        n_folds=int(d["n_folds"]),
+        min_gain=float(d["min_gain"]),
+        n_sweeps=int(d["n_sweeps"]),
     )
     logger.info(
         "decision rule chosen on validation: %s, melanoma threshold %s",
@@ -151,15 +149,13 @@ def compute_metrics(
     headline figures as MLflow metrics (``{name: {"value", "step"}}``)."""
     rule = DecisionRule.from_dict(decision_rule)
     meta = read_checkpoint(_checkpoint_source(model_checkpoint))["meta"]
-    boot = params.get("bootstrap", {})
+    boot = params["bootstrap"]
     kwargs = {
-        "n_bins": int(params.get("calibration_bins", 15)),
-        "n_boot": int(boot.get("n_boot", 1000)),
-        "seed": int(boot.get("seed", 0)),
-        "level": float(boot.get("level", 0.95)),
-        "sensitivity_targets": tuple(
-            params.get("melanoma", {}).get("sensitivity_targets", (0.90, 0.95))
-        ),
+        "n_bins": int(params["calibration_bins"]),
+        "n_boot": int(boot["n_boot"]),
+        "seed": int(boot["seed"]),
+        "level": float(boot["level"]),
+        "sensitivity_targets": tuple(params["melanoma"]["sensitivity_targets"]),
     }
     splits = {}
     for name, frame in (("val", val_predictions), ("test", test_predictions)):
@@ -178,7 +174,7 @@ def compute_metrics(
             "input_size": meta["input_size"],
             "classes": meta["classes"],
         },
-        "tta": params.get("tta", False),
+        "tta": params["tta"],
         "train_class_counts": dict(zip(CLASSES, counts)),
         "decision_rule": dict(decision_rule),
         "bootstrap_settings": {k: kwargs[k] for k in ("n_boot", "seed", "level")},

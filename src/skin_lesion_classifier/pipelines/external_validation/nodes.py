@@ -54,7 +54,7 @@ FIGURES = {
 def read_external(params: Mapping[str, Any]) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Matched rows and the issues frame (see :func:`evaluation.external.read_external_set`)."""
     for key in ("image_dir", "labels_csv"):
-        if not params.get(key):
+        if not params[key]:
             raise ValueError(
                 f"external_validation.{key} is not set: point it at the external "
                 "image folder and its ISIC ground-truth CSV"
@@ -62,8 +62,8 @@ def read_external(params: Mapping[str, Any]) -> tuple[pd.DataFrame, pd.DataFrame
     rows, issues = read_external_set(
         params["image_dir"],
         params["labels_csv"],
-        metadata_csv=params.get("metadata_csv"),
-        check_decode=bool(params.get("check_decode", True)),
+        metadata_csv=params["metadata_csv"],
+        check_decode=bool(params["check_decode"]),
     )
     summary = issue_summary(issues, len(rows))
     logger.info("external set: %s", summary)
@@ -84,9 +84,9 @@ def predict_external(
     model fusing metadata gets the external metadata (unknown where the set has none)."""
     predictor = TorchPredictor.from_checkpoint(
         checkpoint,
-        device=detect_device(params.get("device", "auto")),
-        batch_size=int(params.get("batch_size", 64)),
-        tta=params.get("tta", False),
+        device=detect_device(params["device"]),
+        batch_size=int(params["batch_size"]),
+        tta=params["tta"],
     )
     images = images_for(rows, rows["image_id"], predictor.input_size)
     prob = predictor.predict(images, metadata_inputs(predictor.meta, rows))
@@ -96,7 +96,7 @@ def predict_external(
 def _decision_rule(params: Mapping[str, Any], meta: Mapping[str, Any]) -> DecisionRule:
     """The rule chosen on the model's own validation split: ``params["decision_rule"]``
     (a decision_rule.json), else ``meta["decision"]``, else the arg-max."""
-    src = params.get("decision_rule")
+    src = params["decision_rule"]
     if src:
         return DecisionRule.from_dict(read_decision_file(src))
     if meta.get("decision"):
@@ -115,17 +115,17 @@ def evaluate_external(
     headline as MLflow metrics."""
     meta = checkpoint["meta"]
     rule = _decision_rule(params, meta)
-    boot = params.get("bootstrap", {})
+    boot = params["bootstrap"]
     split = evaluate_split(
         predictions["label"].to_numpy(),
         probabilities_of(predictions),
         predictions["lesion_id"].to_numpy(),
         rule,
-        n_bins=int(params.get("calibration_bins", 15)),
-        n_boot=int(boot.get("n_boot", 1000)),
-        seed=int(boot.get("seed", 0)),
-        level=float(boot.get("level", 0.95)),
-        sensitivity_targets=tuple(params.get("sensitivity_targets", (0.90, 0.95))),
+        n_bins=int(params["calibration_bins"]),
+        n_boot=int(boot["n_boot"]),
+        seed=int(boot["seed"]),
+        level=float(boot["level"]),
+        sensitivity_targets=tuple(params["sensitivity_targets"]),
     )
     metrics = to_jsonable(
         {
@@ -138,13 +138,13 @@ def evaluate_external(
             "source": {
                 "image_dir": str(params["image_dir"]),
                 "labels_csv": str(params["labels_csv"]),
-                "metadata_csv": params.get("metadata_csv"),
+                "metadata_csv": params["metadata_csv"],
             },
             "decision_rule": rule.to_dict(),
             "bootstrap_settings": {
-                "n_boot": int(boot.get("n_boot", 1000)),
-                "seed": int(boot.get("seed", 0)),
-                "level": float(boot.get("level", 0.95)),
+                "n_boot": int(boot["n_boot"]),
+                "seed": int(boot["seed"]),
+                "level": float(boot["level"]),
             },
             "issues": issue_summary(issues, len(predictions)),
             "class_counts": predictions["dx"]
@@ -216,7 +216,7 @@ def plot_external(
             curve, _num(s["calibration"]["ece"]), "Reliability, external"
         ),
     }
-    dpi = int(params.get("dpi", 110))
+    dpi = int(params["dpi"])
     pngs = {k: figure_png(f, dpi) for k, f in figs.items()}
     return (*figs.values(), pngs)
 
@@ -300,7 +300,7 @@ def build_external_report(
     """The external-validation report as Markdown (figures as files beside it) and as a
     self-contained HTML page."""
     title = "Skin-lesion classifier: external validation"
-    folder = str(params.get("figure_dir", "figures")).rstrip("/")
+    folder = str(params["figure_dir"]).rstrip("/")
     md = f"# {title}\n\n" + report_section(
         metrics, issues, {k: f"{folder}/external_{k}.png" for k in pngs}
     )
