@@ -20,6 +20,16 @@ PICTURE = Path(os.environ["SLC_FUZZ_PICTURE"]).read_bytes()
 
 
 @schemathesis.hook
+def filter_body(ctx, body):
+    """Leave out bodies with an array in a form field: multipart sends an array as repeated
+    fields (none at all for an empty one), which no form parser can tell from a plain
+    value, so such a "schema-violating" case reaches the server as a valid one."""
+    if isinstance(body, dict):
+        return not any(isinstance(v, list) for k, v in body.items() if k != "file")
+    return True
+
+
+@schemathesis.hook
 def map_body(ctx, body):
     if isinstance(body, dict):
         file = body.get("file")
