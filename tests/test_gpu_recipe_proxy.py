@@ -15,15 +15,15 @@ import math
 import numpy as np
 import pytest
 import torch
-import yaml
 
+from skin_lesion_classifier.config_defaults import resolved_parameters, soft_merge
 from skin_lesion_classifier.constants import CLASSES
 from skin_lesion_classifier.data.cache import build_image_cache
 from skin_lesion_classifier.data.transforms import to_float_nchw
 from skin_lesion_classifier.models.factory import create_model, resolve_preprocessing
 from skin_lesion_classifier.training.config import TrainConfig
 from skin_lesion_classifier.training.engine import train_model
-from tests.conftest import make_small_split
+from tests.conftest import make_small_split, project_params
 
 SIZE = (64, 96)
 #: what the proxy changes; everything else is the GPU default
@@ -41,10 +41,8 @@ PROXY = {
 def test_gpu_default_recipe_learns_on_a_cpu_proxy(
     project_root, metadata_df, ham10000_dir
 ):
-    params = yaml.safe_load(
-        (project_root / "conf/base/parameters_training.yml").read_text()
-    )["training"]["train"]
-    cfg = TrainConfig.from_dict({**params, **PROXY})
+    params = project_params("base")["training"]["train"]
+    cfg = TrainConfig.from_dict(soft_merge(params, PROXY))
     assert cfg.train_mode == "finetune" and cfg.pretrained and cfg.ema
     split = make_small_split(metadata_df, ham10000_dir / "images", per_class=48, seed=1)
     cache = build_image_cache(split, SIZE, num_workers=2, progress=False)
@@ -73,3 +71,24 @@ def test_gpu_default_recipe_learns_on_a_cpu_proxy(
     assert hist.val_loss.iloc[-1] < hist.val_loss.iloc[0]
     assert hist.val_balanced_accuracy.max() > 2.0 / len(CLASSES)
     assert hist.val_macro_auc.iloc[-1] > 0.65
+
+
+def test_cpu_finetune_is_the_gpu_recipe_at_a_reduced_size():
+    """The long CPU option (conf/cpu_finetune) changes only size, length and device
+    details of the default recipe: the optimiser, schedule, EMA, augmentation and
+    sampling are the GPU default's."""
+    base = resolved_parameters("training", "base")["train"]
+    long = resolved_parameters("training", "cpu_finetune")["train"]
+    changed = {k for k in base if base[k] != long[k]}
+    assert changed <= {
+        "input_size",
+        "epochs",
+        "batch_size",
+        "eval_batch_size",
+        "patience",
+        "amp",
+        "data_path",
+        "max_train_minutes",
+    }
+    assert long["input_size"] == [96, 128] and long["train_mode"] == "finetune"
+    TrainConfig.from_dict(long)
