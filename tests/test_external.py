@@ -190,14 +190,17 @@ def test_external_pipeline_reports_an_ensemble_with_the_gaps_listed(
         (project_root / "conf/base/parameters_external_validation.yml").read_text()
     )["external_validation"]
     params.update(
-        image_dir=str(external_set["images"]),
-        labels_csv=str(external_set["csv"]),
         device="cpu",
         bootstrap={"n_boot": 100, "seed": 0, "level": 0.95},
     )
     out = tmp_path / "run"
     conf = _catalog(project_root, out)
     conf["external_checkpoint"]["filepath"] = str(ckpt)
+    conf["external_set"].update(
+        image_dir=str(external_set["images"]),
+        labels_csv=str(external_set["csv"]),
+        metadata_csv=None,
+    )
     catalog = DataCatalog.from_config(conf)
     catalog["params:external_validation"] = params
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
@@ -230,6 +233,9 @@ def test_external_pipeline_reports_an_ensemble_with_the_gaps_listed(
         external_set["missing_image"] in report and external_set["unlabeled"] in report
     )
     assert "age, sex and site unknown" in report
+    assert (
+        f"`{external_set['images']}`" in report and str(external_set["csv"]) in report
+    )
     for key in (
         "per_class",
         "confusion_matrix",
@@ -244,3 +250,28 @@ def test_external_pipeline_reports_an_ensemble_with_the_gaps_listed(
         "data:image/png;base64"
         in (out / "data/08_reporting/external_report.html").read_text()
     )
+
+
+def test_external_set_dataset_gives_rows_issues_and_where_they_came_from(
+    external_set, tmp_path
+):
+    from kedro.io import DatasetError
+
+    from skin_lesion_classifier.datasets.external_set import ExternalSetDataset
+
+    ds = ExternalSetDataset(
+        str(external_set["images"]), str(external_set["csv"]), check_decode=False
+    )
+    data = ds.load()
+    assert len(data["rows"]) == 20 and set(data["rows"].split) == {"external"}
+    assert sorted(data["issues"].issue) == ["no_image", "no_label"]
+    assert data["source"] == {
+        "image_dir": str(external_set["images"]),
+        "labels_csv": str(external_set["csv"]),
+        "metadata_csv": None,
+    }
+    missing = tmp_path / "nowhere"
+    with pytest.raises(DatasetError, match="nowhere"):
+        ExternalSetDataset(str(missing), str(external_set["csv"])).load()
+    with pytest.raises(DatasetError, match="image_dir is not set"):
+        ExternalSetDataset("", str(external_set["csv"]))

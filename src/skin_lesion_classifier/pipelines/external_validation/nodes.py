@@ -21,7 +21,7 @@ from skin_lesion_classifier.evaluation.evaluate import (
     predictions_frame,
     probabilities_of,
 )
-from skin_lesion_classifier.evaluation.external import issue_summary, read_external_set
+from skin_lesion_classifier.evaluation.external import issue_summary
 from skin_lesion_classifier.inference.predictor import (
     TorchPredictor,
     images_for,
@@ -51,20 +51,12 @@ FIGURES = {
 }
 
 
-def read_external(params: Mapping[str, Any]) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Matched rows and the issues frame (see :func:`evaluation.external.read_external_set`)."""
-    for key in ("image_dir", "labels_csv"):
-        if not params[key]:
-            raise ValueError(
-                f"external_validation.{key} is not set: point it at the external "
-                "image folder and its ISIC ground-truth CSV"
-            )
-    rows, issues = read_external_set(
-        params["image_dir"],
-        params["labels_csv"],
-        metadata_csv=params["metadata_csv"],
-        check_decode=bool(params["check_decode"]),
-    )
+def read_external(
+    external_set: Mapping[str, Any],
+) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, Any]]:
+    """Matched rows, the issues frame and the source names of the ``external_set``
+    catalog entry (see :func:`evaluation.external.read_external_set`)."""
+    rows, issues = external_set["rows"], external_set["issues"]
     summary = issue_summary(issues, len(rows))
     logger.info("external set: %s", summary)
     if len(issues):
@@ -73,7 +65,7 @@ def read_external(params: Mapping[str, Any]) -> tuple[pd.DataFrame, pd.DataFrame
             len(issues),
             {k: v for k, v in summary.items() if k != "used"},
         )
-    return rows, issues
+    return rows, issues, dict(external_set["source"])
 
 
 def predict_external(
@@ -107,6 +99,7 @@ def _decision_rule(params: Mapping[str, Any], meta: Mapping[str, Any]) -> Decisi
 def evaluate_external(
     predictions: pd.DataFrame,
     issues: pd.DataFrame,
+    source: Mapping[str, Any],
     checkpoint: Mapping[str, Any],
     params: Mapping[str, Any],
 ) -> tuple[dict[str, Any], dict[str, dict[str, float]]]:
@@ -135,11 +128,7 @@ def evaluate_external(
                 "uses_metadata": bool(meta.get("uses_metadata")),
                 "ensemble": meta.get("ensemble", {}).get("members"),
             },
-            "source": {
-                "image_dir": str(params["image_dir"]),
-                "labels_csv": str(params["labels_csv"]),
-                "metadata_csv": params["metadata_csv"],
-            },
+            "source": dict(source),
             "decision_rule": rule.to_dict(),
             "bootstrap_settings": {
                 "n_boot": int(boot["n_boot"]),

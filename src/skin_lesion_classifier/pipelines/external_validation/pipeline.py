@@ -18,8 +18,8 @@ def create_pipeline(**kwargs) -> Pipeline:
         [
             Node(
                 read_external,
-                "params:external_validation",
-                ["external_rows", "external_issues"],
+                "external_set",
+                ["external_rows", "external_issues", "external_source"],
                 name="read_external_set",
             ),
             Node(
@@ -33,6 +33,7 @@ def create_pipeline(**kwargs) -> Pipeline:
                 [
                     "external_predictions",
                     "external_issues",
+                    "external_source",
                     "external_checkpoint",
                     "params:external_validation",
                 ],
