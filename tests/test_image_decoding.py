@@ -105,3 +105,18 @@ def test_16_bit_grey_converts_exactly_without_float64_copies() -> None:
     assert np.array_equal(np.asarray(out)[..., 0], expected)
     # float64 conversion peaked at ~17 bytes per pixel; integers in row blocks at ~7
     assert peak / grey.size < 10, peak / grey.size
+
+
+def test_the_predict_path_refuses_the_same_formats(tmp_path, sample) -> None:
+    from skin_lesion_classifier.inference.predictor import TorchPredictor
+    from tests.conftest import tiny_model
+
+    model, meta = tiny_model((48, 64))
+    predictor = TorchPredictor(model, meta)
+    eps = tmp_path / "ISIC_0000001.eps"
+    eps.write_bytes(_encode(sample.resize((64, 48)), "EPS"))
+    with pytest.raises(UnsupportedImageFormat, match="ISIC_0000001.eps.*format EPS"):
+        predictor.predict_one(eps)
+    ok = tmp_path / "ISIC_0000002.webp"
+    ok.write_bytes(_encode(sample, "WEBP"))
+    assert predictor.predict_one(ok).shape == (7,)
