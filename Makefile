@@ -44,8 +44,8 @@ train: setup  ## ingestion, splitting and training with the default (GPU) config
 quick-train: setup  ## the same with the quick CPU config (about 20 minutes on 2 cores)
 	$(KEDRO) run --env quick --pipelines ingestion,splitting,model_input,training
 
-evaluate: setup  ## evaluation + reporting on the latest model, without retraining
-	$(KEDRO) run --env $(KEDRO_ENV) --pipelines evaluation,reporting
+evaluate: setup  ## evaluation + reporting on the latest model (or VERSION=<model version>), without retraining
+	$(KEDRO) run --env $(KEDRO_ENV) --pipelines evaluation,reporting $(if $(VERSION),--load-versions model_checkpoint:$(VERSION))
 
 test: setup  ## run the test suite
 	$(BIN)/pytest

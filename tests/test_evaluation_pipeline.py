@@ -87,6 +87,7 @@ def _catalog_conf(project_root: Path, out: Path) -> dict:
         inner = entry.get("dataset", entry)
         if isinstance(inner, dict) and "filepath" in inner:
             inner["filepath"] = str(out / inner["filepath"])
+            inner.pop("versioned", None)  # versions: tests/test_versions.py
     return conf
 
 

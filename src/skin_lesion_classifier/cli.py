@@ -382,7 +382,11 @@ def cmd_export_onnx(args: argparse.Namespace) -> int:
         tracking_uri=args.tracking_uri,
         decision_file=args.decision,
     )
-    output = Path(args.output) if args.output else Path(args.model).with_suffix(".onnx")
+    from skin_lesion_classifier.inference.versions import resolve_version
+
+    # beside the checkpoint: inside its version folder for a versioned model
+    default = resolve_version(args.model).with_suffix(".onnx")
+    output = Path(args.output) if args.output else default
     if args.output is None and ":/" in str(args.model):
         output = Path("data/06_models/model.onnx")
     images = _sample_images(args.images, predictor.input_size, args.n_check)
@@ -417,7 +421,9 @@ def _bench_checkpoint(args: argparse.Namespace, workdir: Path) -> Path:
     """The checkpoint to benchmark: ``--model`` or ``--arch`` built through the factory
     (offline pretrained weights where packaged, else random initialisation)."""
     if args.model:
-        return Path(args.model)
+        from skin_lesion_classifier.inference.versions import resolve_version
+
+        return resolve_version(args.model)  # a versioned folder: its latest version
     from skin_lesion_classifier.constants import CLASSES
     from skin_lesion_classifier.models.checkpoint import save_checkpoint
     from skin_lesion_classifier.models.factory import (

@@ -11,6 +11,8 @@ from pathlib import Path
 
 from kedro.config import OmegaConfigLoader  # noqa: F401
 
+from skin_lesion_classifier.hooks import ProjectHooks
+
 # Kedro 1.7's config loader registers its resolvers (globals, runtime_params and ours) with
 # OmegaConf 2.4's deprecated register_new_resolver(); nothing in this project can change
 # that call, so its deprecation notice is not shown on every run.
@@ -20,6 +22,8 @@ warnings.filterwarnings(
     category=UserWarning,
     module=r"kedro\.config\.omegaconf_config",
 )
+
+HOOKS = (ProjectHooks(),)
 
 
 def _env(name: str, default: str | None = None) -> str | None:

@@ -1,8 +1,9 @@
 """Print the headline table of the last evaluation in the terminal.
 
 ``python -m skin_lesion_classifier.show_results [metrics.json] [--split test|val]`` reads the
-evaluation metrics JSON (default ``data/08_reporting/evaluation_metrics.json``) written by
-the evaluation pipeline and prints, with rich, every headline figure with its lesion-bootstrap
+evaluation metrics JSON (default ``data/08_reporting/evaluation_metrics.json``, its latest
+version; name ``.../evaluation_metrics.json/<version>/evaluation_metrics.json`` for an
+earlier one) written by the evaluation pipeline and prints, with rich, every headline figure with its lesion-bootstrap
 interval and the decision rule that produced it.
 """
 
@@ -16,6 +17,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from skin_lesion_classifier.inference.versions import resolve_version
 from skin_lesion_classifier.reporting.format import fmt
 from skin_lesion_classifier.reporting.sections import headline_rows
 
@@ -25,7 +27,7 @@ DEFAULT_PATH = Path("data/08_reporting/evaluation_metrics.json")
 def load_metrics(path: str | Path) -> dict:
     """The evaluation metrics dict; a clear ``FileNotFoundError`` / ``ValueError`` names
     the file when it is missing or not an evaluation metrics JSON."""
-    path = Path(path)
+    path = resolve_version(path)  # a versioned output: its latest version
     if not path.is_file():
         raise FileNotFoundError(
             f"{path}: no evaluation metrics yet; run `kedro run --pipelines "

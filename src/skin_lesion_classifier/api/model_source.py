@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from skin_lesion_classifier.inference.predictor import Predictor, load_predictor
+from skin_lesion_classifier.inference.versions import resolve_version
 
 logger = logging.getLogger(__name__)
 
@@ -59,13 +60,15 @@ def resolve_model_file(
 ) -> tuple[Path, str]:
     """A local model file for ``uri`` and a version tag for it.
 
-    Local paths are returned as they are (version tag added later from the file digest);
-    MLflow URIs are downloaded to ``dst`` (a temporary folder when ``None``).
+    Local paths are returned as they are (version tag added later from the file digest),
+    except a Kedro-versioned folder (``data/06_models/model.pt/<version>/model.pt``), which
+    resolves to its latest version's file; MLflow URIs are downloaded to ``dst`` (a
+    temporary folder when ``None``).
     """
     uri = str(uri)
     if not is_mlflow_uri(uri):
-        path = Path(uri)
-        if not path.exists():
+        path = resolve_version(uri)
+        if not path.is_file():
             raise FileNotFoundError(
                 f"no model at {path} (train first: make quick-train)"
             )

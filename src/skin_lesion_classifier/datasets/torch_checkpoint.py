@@ -2,30 +2,42 @@
 
 from __future__ import annotations
 
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
-from kedro.io import AbstractDataset, DatasetError
+from kedro.io import AbstractVersionedDataset, DatasetError, Version
 
 from skin_lesion_classifier.models.checkpoint import read_checkpoint, save_checkpoint
 
 
-class TorchCheckpointDataset(AbstractDataset[dict, dict]):
+class TorchCheckpointDataset(AbstractVersionedDataset[dict, dict]):
     """A checkpoint dict per docs/architecture.md, saved atomically and loaded without
-    unpickling arbitrary objects (``weights_only=True``). Example::
+    unpickling arbitrary objects (``weights_only=True``). With ``versioned: true`` every run
+    saves ``<filepath>/<version>/<name>`` and a load takes the latest version (or the one
+    ``kedro run --load-versions <dataset>:<version>`` names). Example::
 
         model_checkpoint:
           type: skin_lesion_classifier.datasets.torch_checkpoint.TorchCheckpointDataset
           filepath: data/06_models/model.pt
+          versioned: true
     """
 
-    def __init__(self, filepath: str, metadata: dict | None = None) -> None:
-        self._filepath = Path(filepath)
+    def __init__(
+        self,
+        filepath: str,
+        version: Version | None = None,
+        metadata: dict | None = None,
+    ) -> None:
+        super().__init__(filepath=PurePosixPath(filepath), version=version)
         self.metadata = metadata
 
     def load(self) -> dict:
         try:
-            return read_checkpoint(self._filepath)
+            path = Path(self._get_load_path())
+        except DatasetError as exc:  # versioned, and no version saved yet
+            raise DatasetError(f"{exc}; run the training pipeline first") from exc
+        try:
+            return read_checkpoint(path)
         except FileNotFoundError as exc:
             raise DatasetError(f"{exc}; run the training pipeline first") from exc
 
@@ -34,10 +46,14 @@ class TorchCheckpointDataset(AbstractDataset[dict, dict]):
             raise DatasetError(
                 "TorchCheckpointDataset saves a {'state_dict', 'meta'} dict"
             )
-        save_checkpoint(self._filepath, None, data)
+        save_checkpoint(Path(self._get_save_path()), None, data)
 
     def _exists(self) -> bool:
-        return self._filepath.is_file()
+        try:
+            path = self._get_load_path()
+        except DatasetError:
+            return False
+        return Path(path).is_file()
 
     def _describe(self) -> dict[str, Any]:
-        return {"filepath": str(self._filepath)}
+        return {"filepath": str(self._filepath), "version": self._version}

@@ -39,6 +39,7 @@ from skin_lesion_classifier.data.metadata_features import (
 from skin_lesion_classifier.data.transforms import to_float_nchw
 from skin_lesion_classifier.inference.decision import Decision, decision_from_meta
 from skin_lesion_classifier.inference.predict import predict_proba
+from skin_lesion_classifier.inference.versions import paired_version
 
 #: Key of the ONNX ``metadata_props`` entry that carries the checkpoint meta as JSON.
 ONNX_META_KEY = "skin_lesion_classifier.meta"
@@ -531,7 +532,9 @@ def attach_decision(
 
     An explicit ``decision_file`` always wins. Otherwise the checkpoint meta's ``decision``
     is used, and when the meta has none, ``decision_rule.json`` beside the model file (what
-    the evaluation pipeline writes) if it exists.
+    the evaluation pipeline writes) if it exists; for a model inside a versioned folder
+    (``model.pt/<version>/model.pt``), the decision-rule version evaluated for it
+    (:func:`inference.versions.paired_version`).
     """
     if decision_file is not None:
         predictor.use_decision(
@@ -539,6 +542,8 @@ def attach_decision(
         )
     elif not predictor.meta.get("decision"):
         beside = Path(model_path).with_name(DECISION_FILE)
+        if not beside.is_file():
+            beside = paired_version(model_path, DECISION_FILE) or beside
         if beside.is_file():
             predictor.use_decision(read_decision_file(beside), source=str(beside))
     return predictor

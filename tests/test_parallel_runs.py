@@ -1,0 +1,145 @@
+"""Two `kedro run`s started at the same time in one project: each keeps its own versioned
+model, decision rule, metrics and report, the MLflow store stays whole, and the predict
+command takes the latest model with the rule evaluated for it."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from skin_lesion_classifier.inference.versions import saved_versions
+from tests.test_kedro_project import _scratch_project
+
+PER_CLASS = 10
+SIZE = [32, 32]
+
+
+def _tiny_conf(proj: Path) -> None:
+    """Full copies of the parameter groups with a tiny model (conf/local replaces each
+    top-level key it names)."""
+    base, local = proj / "conf" / "base", proj / "conf" / "local"
+    params = {}
+    for name in ("splitting", "model_input", "training", "evaluation"):
+        params |= yaml.safe_load((base / f"parameters_{name}.yml").read_text())
+    params["splitting"]["n_folds"] = 0
+    params["model_input"].update(input_size=SIZE, progress=False, num_workers=1)
+    params["training"]["mlflow_model"]["device"] = "cpu"
+    params["training"]["train"].update(
+        arch="test_efficientnet", pretrained=False, allow_random_init=True,
+        model_kwargs={}, input_size=SIZE, epochs=1, batch_size=8, eval_batch_size=16,
+        amp="off", channels_last=False, ema=False, device="cpu",
+        data_path="dataloader", num_workers=0, progress=False,
+    )  # fmt: skip
+    params["evaluation"].update(device="cpu")
+    params["evaluation"]["bootstrap"]["n_boot"] = 20
+    (local / "parameters_tiny.yml").write_text(yaml.safe_dump(params))
+
+
+def _raw_data(proj: Path, metadata_df: pd.DataFrame, ham10000_dir: Path) -> None:
+    first = metadata_df.drop_duplicates("lesion_id")
+    rows = first.groupby("dx", group_keys=False).head(PER_CLASS)
+    raw = proj / "data" / "01_raw"
+    (raw / "images").mkdir(parents=True)
+    for image_id in rows.image_id:
+        shutil.copy(ham10000_dir / "images" / f"{image_id}.jpg", raw / "images")
+    rows.to_csv(raw / "HAM10000_metadata.csv", index=False)
+
+
+def _start(proj: Path, *args: str) -> subprocess.Popen:
+    kedro = Path(sys.executable).with_name("kedro")
+    env = {**os.environ, "KEDRO_DISABLE_TELEMETRY": "true", "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen(
+        [str(kedro), "run", *args], cwd=proj, env=env, text=True,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+
+
+def _finish(proc: subprocess.Popen) -> str:
+    out, _ = proc.communicate(timeout=900)
+    assert proc.returncode == 0, out[-4000:]
+    return out
+
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.mark.slow
+def test_two_runs_at_once_keep_their_own_results(
+    tmp_path, project_root, metadata_df, ham10000_dir, samples_dir
+):
+    import mlflow
+
+    proj = _scratch_project(tmp_path, project_root)
+    _raw_data(proj, metadata_df, ham10000_dir)
+    _tiny_conf(proj)
+    _finish(_start(proj, "--pipelines", "ingestion,splitting,model_input"))
+
+    runs = [
+        _start(
+            proj,
+            "--pipelines",
+            "training,evaluation,reporting",
+            "--params",
+            f"training.train.seed={seed},training.checkpoint_dir=data/06_models/ck{seed}",
+        )  # fmt: skip
+        for seed in (1, 2)
+    ]
+    for proc in runs:
+        _finish(proc)
+
+    data = proj / "data"
+    for entry in (
+        "06_models/model.pt",
+        "06_models/decision_rule.json",
+        "07_model_output/test_predictions.parquet",
+        "08_reporting/evaluation_metrics.json",
+        "08_reporting/report.html",
+    ):
+        assert len(saved_versions(data / entry)) == 2, entry
+    models = data / "06_models" / "model.pt"
+    versions = saved_versions(models)
+    files = [models / v / "model.pt" for v in versions]
+    assert _sha(files[0]) != _sha(files[1])  # two models, neither overwritten
+
+    mlflow.set_tracking_uri(f"sqlite:///{proj / 'mlflow.db'}")
+    found = mlflow.search_runs(experiment_names=["skin_lesion_classifier"])
+    assert len(found) == 3 and set(found.status) == {"FINISHED"}
+    client = mlflow.MlflowClient()
+    trained = found[found["params.training.train.seed"].notna()]
+    logged = set()
+    for run_id in trained.run_id:
+        ckpt = Path(
+            client.download_artifacts(run_id, "checkpoint/model.pt", str(tmp_path))
+        )
+        in_model = Path(
+            client.download_artifacts(
+                run_id, "model/artifacts/model.pt", str(tmp_path / run_id)
+            )
+        )
+        assert _sha(ckpt) == _sha(in_model), "the logged model holds another checkpoint"
+        logged.add(_sha(ckpt))
+    assert logged == {_sha(f) for f in files}
+
+    # predict takes the latest model and the decision rule of the same run
+    from skin_lesion_classifier.cli import main
+
+    out = tmp_path / "preds.csv"
+    assert main(["predict", str(samples_dir / "images"), "--model", str(models),
+                 "--output", str(out)]) == 0  # fmt: skip
+    assert len(pd.read_csv(out)) == 21
+    rule = json.loads(
+        (
+            data / "06_models/decision_rule.json" / versions[-1] / "decision_rule.json"
+        ).read_text()
+    )
+    assert rule  # evaluated in the same run as the latest model

@@ -1,0 +1,112 @@
+"""Versioned outputs: no run overwrites another's model, decision rule or report; the
+predict / serve commands and show_results take the latest version or a named one."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from kedro.io import DataCatalog, Version
+from kedro_mlflow.io.models import MlflowModelTrackingDataset
+
+from skin_lesion_classifier.constants import CLASSES
+from skin_lesion_classifier.datasets.torch_checkpoint import TorchCheckpointDataset
+from skin_lesion_classifier.hooks import ProjectHooks, move_into_version_folder
+from skin_lesion_classifier.inference.versions import (
+    paired_version,
+    resolve_version,
+    saved_versions,
+)
+from skin_lesion_classifier.models.checkpoint import make_checkpoint
+from skin_lesion_classifier.models.factory import create_model
+
+V1, V2, V3, V4 = (f"2026-01-0{d}T10.00.00.000Z" for d in (1, 2, 3, 4))
+
+
+def _checkpoint(seed: int) -> dict:
+    torch.manual_seed(seed)
+    model = create_model("test_efficientnet", num_classes=7, input_size=[32, 32])
+    meta = {
+        "arch": "test_efficientnet",
+        "classes": list(CLASSES),
+        "input_size": [32, 32],
+        "mean": [0.5] * 3,
+        "std": [0.25] * 3,
+        "seed": seed,
+    }
+    return make_checkpoint(model, meta)
+
+
+def _write_rule(root: Path, version: str, threshold: float) -> None:
+    path = root / "decision_rule.json" / version / "decision_rule.json"
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps({"rule": "argmax", "melanoma_threshold": threshold}))
+
+
+def test_checkpoints_are_versioned_and_the_latest_is_found(tmp_path: Path) -> None:
+    path = tmp_path / "model.pt"
+    for version, seed in ((V1, 1), (V2, 2)):
+        TorchCheckpointDataset(str(path), version=Version(None, version)).save(
+            _checkpoint(seed)
+        )
+    assert saved_versions(path) == [V1, V2]  # the first run's model is still there
+    latest = TorchCheckpointDataset(str(path), version=Version(None, None)).load()
+    assert latest["meta"]["seed"] == 2
+    named = TorchCheckpointDataset(str(path), version=Version(V1, None)).load()
+    assert named["meta"]["seed"] == 1
+    assert resolve_version(path) == path / V2 / "model.pt"
+    assert resolve_version(path, V1) == path / V1 / "model.pt"
+    with pytest.raises(FileNotFoundError, match="saved versions"):
+        resolve_version(path, V3)
+    plain = tmp_path / "plain.pt"  # an unversioned file resolves to itself
+    assert resolve_version(plain) == plain
+
+
+def test_serving_takes_the_latest_model_with_the_rule_evaluated_for_it(
+    tmp_path: Path,
+) -> None:
+    from skin_lesion_classifier.api.model_source import open_predictor
+
+    models = tmp_path / "model.pt"
+    for version, seed in ((V1, 1), (V3, 3)):
+        TorchCheckpointDataset(str(models), version=Version(None, version)).save(
+            _checkpoint(seed)
+        )
+    # V1's own run, a later evaluation-only run of V1 (V2), V3's run, a re-evaluation (V4)
+    for version, threshold in ((V1, 0.1), (V2, 0.2), (V3, 0.3), (V4, 0.4)):
+        _write_rule(tmp_path, version, threshold)
+    assert paired_version(models / V1 / "model.pt", "decision_rule.json") == (
+        tmp_path / "decision_rule.json" / V2 / "decision_rule.json"
+    )
+    latest = open_predictor(models)
+    assert latest.meta["seed"] == 3
+    assert latest.decision.melanoma_threshold == pytest.approx(0.4)
+    earlier = open_predictor(models / V1 / "model.pt")
+    assert earlier.meta["seed"] == 1
+    assert earlier.decision.melanoma_threshold == pytest.approx(0.2)
+
+
+def test_an_unversioned_file_left_by_an_older_checkout_is_kept(tmp_path: Path) -> None:
+    path = tmp_path / "model.pt"
+    path.write_bytes(b"old weights")
+    moved = move_into_version_folder(path)
+    assert moved is not None and moved.read_bytes() == b"old weights"
+    assert saved_versions(path) == [moved.parent.name]
+    assert move_into_version_folder(path) is None  # a folder now: nothing to move
+
+
+def test_the_logged_model_carries_this_runs_checkpoint_version(tmp_path: Path) -> None:
+    path = str(tmp_path / "model.pt")
+    checkpoint = TorchCheckpointDataset(path, version=Version(None, V2))
+    model = MlflowModelTrackingDataset(
+        flavor="mlflow.pyfunc",
+        pyfunc_workflow="python_model",
+        save_args={"name": "model", "artifacts": {"checkpoint": path}},
+    )
+    catalog = DataCatalog({"model_checkpoint": checkpoint, "mlflow_model": model})
+    ProjectHooks().after_catalog_created(catalog)
+    assert model._save_args["artifacts"]["checkpoint"] == str(
+        tmp_path / "model.pt" / V2 / "model.pt"
+    )
