@@ -24,23 +24,21 @@ SIZE = [32, 32]
 
 
 def _tiny_conf(proj: Path) -> None:
-    """Full copies of the parameter groups with a tiny model (conf/local replaces each
-    top-level key it names)."""
-    base, local = proj / "conf" / "base", proj / "conf" / "local"
-    params = {}
-    for name in ("splitting", "model_input", "training", "evaluation"):
-        params |= yaml.safe_load((base / f"parameters_{name}.yml").read_text())
-    params["splitting"]["n_folds"] = 0
-    params["model_input"].update(input_size=SIZE, progress=False, num_workers=1)
-    params["training"]["mlflow_model"]["device"] = "cpu"
-    params["training"]["train"].update(
+    """A tiny model: conf/local names only the keys it changes (soft merge)."""
+    local = proj / "conf" / "local"
+    (local / "globals.yml").write_text(yaml.safe_dump({"input_size": SIZE}))
+    train = dict(
         arch="test_efficientnet", pretrained=False, allow_random_init=True,
-        model_kwargs={}, input_size=SIZE, epochs=1, batch_size=8, eval_batch_size=16,
-        amp="off", channels_last=False, ema=False, device="cpu",
-        data_path="dataloader", num_workers=0, progress=False,
+        model_kwargs={}, epochs=1, batch_size=8, eval_batch_size=16, amp="off",
+        channels_last=False, ema=False, device="cpu", data_path="dataloader",
+        num_workers=0, progress=False,
     )  # fmt: skip
-    params["evaluation"].update(device="cpu")
-    params["evaluation"]["bootstrap"]["n_boot"] = 20
+    params = {
+        "splitting": {"n_folds": 0},
+        "model_input": {"progress": False, "num_workers": 1},
+        "training": {"mlflow_model": {"device": "cpu"}, "train": train},
+        "evaluation": {"device": "cpu", "bootstrap": {"n_boot": 20}},
+    }
     (local / "parameters_tiny.yml").write_text(yaml.safe_dump(params))
 
 
