@@ -267,3 +267,19 @@ def test_image_of_a_rejected_row_is_listed_once_with_the_rows_reason(raw_two_par
     assert victim not in set(index.image_id)
     # the image that truly has no row is still listed as such
     assert (all_issues.reason.str.contains("no metadata row")).sum() == 1
+
+
+def test_a_dangling_link_among_the_images_is_listed_with_its_reason(
+    tmp_path, samples_dir
+):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    good = next((samples_dir / "images").glob("*.jpg"))
+    shutil.copy(good, folder / good.name)
+    (folder / "ISIC_9100001.jpg").symlink_to(tmp_path / "moved_away.jpg")
+    files = find_image_files(folder)  # a dangling link no longer crashes the listing
+    assert sorted(files.image_id) == sorted([good.stem, "ISIC_9100001"])
+    checks = check_image_files(files, PARAMS)
+    reason = checks.set_index("image_id").loc["ISIC_9100001", "reason"]
+    assert "dangling symbolic link" in reason and "moved_away.jpg" in reason
+    assert checks.set_index("image_id").loc[good.stem, "ok"]

@@ -141,3 +141,41 @@ def test_two_runs_at_once_keep_their_own_results(
         ).read_text()
     )
     assert rule  # evaluated in the same run as the latest model
+
+
+_FIRST_USE = """
+import sys
+from mlflow.tracking import MlflowClient
+from skin_lesion_classifier.hooks import prepare_sqlite_store
+uri = "sqlite:///" + sys.argv[1]
+prepare_sqlite_store(uri)
+client = MlflowClient(uri)
+run = client.create_run(client.create_experiment("exp" + sys.argv[2]))
+for step in range(50):
+    client.log_metric(run.info.run_id, "m", step, step=step)
+"""
+
+
+@pytest.mark.slow
+def test_three_processes_create_and_share_a_fresh_mlflow_store(tmp_path):
+    # without the lock, two of three processes failed here on the table migration
+    # ("duplicate column name: step")
+    db = tmp_path / "mlflow.db"
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", _FIRST_USE, str(db), str(k)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )  # fmt: skip
+        for k in range(3)
+    ]
+    for proc in procs:
+        out, _ = proc.communicate(timeout=300)
+        assert proc.returncode == 0, out[-3000:]
+    import mlflow
+
+    client = mlflow.MlflowClient(f"sqlite:///{db}")
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert len(runs) == 3
+    assert all(len(client.get_metric_history(r.info.run_id, "m")) == 50 for r in runs)

@@ -63,7 +63,7 @@ def find_image_files(root: str | os.PathLike, suffixes=IMAGE_SUFFIXES) -> pd.Dat
                     "image_id": path.stem,
                     "path": str(path),
                     "folder": str(Path(dirpath).relative_to(root)),
-                    "size_bytes": path.stat().st_size,
+                    "size_bytes": path.stat().st_size if path.exists() else -1,
                     "duplicate_of": seen.get(path.stem),
                 }
             )
@@ -107,6 +107,11 @@ def check_image(path: str | os.PathLike) -> dict:
         "sha256": None,
         "signature": None,
     }
+    if path.is_symlink() and not path.exists():
+        row["reason"] = (
+            f"dangling symbolic link (its target {os.readlink(path)} does not exist)"
+        )
+        return row
     try:
         data = path.read_bytes()
     except OSError as exc:
