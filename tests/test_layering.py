@@ -99,23 +99,29 @@ def test_engine_modules_import_only_floors_below_and_no_kedro_or_mlflow():
     )
 
 
-def test_models_import_nothing_above_data_in_a_fresh_interpreter():
+def test_models_and_engine_imports_in_a_fresh_interpreter():
     """Importing every ``models/`` module (the union covers each one alone) loads no
-    training, inference, evaluation, reporting, pipeline, Kedro or MLflow module."""
-    modules = [_module_name(p) for p in sorted((PACKAGE / "models").glob("*.py"))]
-    assert "skin_lesion_classifier.models.ensemble" in modules
+    training, inference, evaluation, reporting, pipeline, Kedro or MLflow module; importing
+    every engine module then loads no Kedro or MLflow (one interpreter, two snapshots)."""
+    models = [_module_name(p) for p in sorted((PACKAGE / "models").glob("*.py"))]
+    assert "skin_lesion_classifier.models.ensemble" in models
+    engine = [_module_name(p) for p in _engine_files()]
     code = (
         "import importlib, json, sys\n"
-        f"for m in {modules!r}: importlib.import_module(m)\n"
+        f"for m in {models!r}: importlib.import_module(m)\n"
+        "print(json.dumps(sorted(sys.modules)))\n"
+        f"for m in {engine!r}: importlib.import_module(m)\n"
         "print(json.dumps(sorted(sys.modules)))\n"
     )
     out = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, check=True
     )
-    loaded = json.loads(out.stdout.strip().splitlines()[-1])
+    after_models, after_engine = (
+        json.loads(line) for line in out.stdout.strip().splitlines()[-2:]
+    )
     above = [
         m
-        for m in loaded
+        for m in after_models
         if m.split(".")[0] in FORBIDDEN_IN_ENGINE
         or (
             m.startswith("skin_lesion_classifier.")
@@ -123,17 +129,5 @@ def test_models_import_nothing_above_data_in_a_fresh_interpreter():
         )
     ]
     assert above == [], above
-
-
-def test_engine_loads_no_kedro_or_mlflow_in_a_fresh_interpreter():
-    modules = [_module_name(p) for p in _engine_files()]
-    code = (
-        "import importlib, json, sys\n"
-        f"for m in {modules!r}: importlib.import_module(m)\n"
-        "print(json.dumps(sorted(sys.modules)))\n"
-    )
-    out = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, check=True
-    )
-    loaded = json.loads(out.stdout.strip().splitlines()[-1])
-    assert [m for m in loaded if m.split(".")[0] in FORBIDDEN_IN_ENGINE] == []
+    assert [m for m in after_engine if m.split(".")[0] in FORBIDDEN_IN_ENGINE] == []
+    assert "skin_lesion_classifier.reporting.report" in after_engine
