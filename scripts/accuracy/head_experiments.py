@@ -126,6 +126,7 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=5)
     ap.add_argument("--field-dropout", type=float, nargs="+", default=[0.0, 0.3, 0.5])
     ap.add_argument("--json", default=None)
+    ap.add_argument("--engine", action="store_true", help="also train the quick default")
     args = ap.parse_args()
     torch.set_num_threads(2)
     split = pd.read_parquet(ROOT / "data/03_primary/split_assignment.parquet")
@@ -248,7 +249,8 @@ def main() -> None:
 
     name0 = args.features[0]
     f0 = members[name0]
-    report("quick default (engine)", run_engine(f0, rows, minutes))
+    if args.engine:
+        report("quick default (engine)", run_engine(f0, rows, minutes))
     report("image", run("image", f0, False))
     if "hflip" in f0["val"]:
         report("image+tta", run("image+tta", f0, False, tta=True))
@@ -260,6 +262,8 @@ def main() -> None:
     # seeds: mean of heads, image-only and the metadata head with the largest masking
     fd = max(args.field_dropout)
     for use_meta, tag in ((False, "image+seeds"), (True, f"image+meta({fd})+seeds")):
+        if args.seeds < 2:
+            break
         runs = [
             run(
                 f"{tag}{k}",
