@@ -84,6 +84,8 @@ class TrainConfig:
     num_workers: int
     progress: bool
     resume: bool
+    sync_bn: bool
+    distributed: dict[str, Any] | None
 
     @classmethod
     def from_dict(cls, params: Mapping[str, Any] | None) -> TrainConfig:
@@ -141,6 +143,24 @@ class TrainConfig:
                 "backbone gives meaningless features)"
             )
         AugmentConfig.from_dict(self.augment)
+        self._validate_distributed()
+
+    def _validate_distributed(self) -> None:
+        if self.distributed is None:
+            return
+        if not isinstance(self.distributed, Mapping) or set(self.distributed) != {
+            "nproc_per_node"
+        }:
+            raise ValueError(
+                "distributed must be null or {nproc_per_node: N | auto}, got "
+                f"{self.distributed!r}"
+            )
+        n = self.distributed["nproc_per_node"]
+        if n != "auto" and not (isinstance(n, int) and n >= 1):
+            raise ValueError(
+                "distributed.nproc_per_node must be a positive integer or 'auto', "
+                f"got {n!r}"
+            )
 
     @property
     def augment_config(self) -> AugmentConfig:

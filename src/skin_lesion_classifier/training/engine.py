@@ -18,13 +18,10 @@ docs/architecture.md) whenever the monitored validation metric improves. With
 from __future__ import annotations
 
 import copy
-import hashlib
-import json
 import logging
 import math
 import os
 import random
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,11 +30,10 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
-from sklearn.metrics import balanced_accuracy_score, roc_auc_score
 from timm.utils import ModelEmaV3
 
 from skin_lesion_classifier.constants import CLASSES
-from skin_lesion_classifier.data.augment import augment_batch, torchvision_transform
+from skin_lesion_classifier.data.augment import augment_batch
 from skin_lesion_classifier.data.transforms import normalize
 from skin_lesion_classifier.device import detect_device
 from skin_lesion_classifier.inference.predict import predict_proba
@@ -48,7 +44,28 @@ from skin_lesion_classifier.models.checkpoint import (
 )
 from skin_lesion_classifier.models.factory import create_model, resolve_preprocessing
 from skin_lesion_classifier.training.config import MONITORS, TrainConfig
+from skin_lesion_classifier.training.distributed import (
+    SINGLE,
+    DistContext,
+    gather_rows,
+    shard_bounds,
+)
+from skin_lesion_classifier.training.feeders import (
+    DeviceFeeder,
+    FeatureFeeder,
+    LoaderFeeder,
+    _UInt8Dataset,  # noqa: F401  (re-exported for callers of the old location)
+    count_batches,
+)
+from skin_lesion_classifier.training.loop import (
+    FitSpec,
+    Stepper,
+    fit,
+    monitor_rule,
+    validation_scores,
+)
 from skin_lesion_classifier.training.losses import build_loss
+from skin_lesion_classifier.training.resume import fingerprint, load_last, save_last
 from skin_lesion_classifier.training.sampler import epoch_indices
 from skin_lesion_classifier.training.schedulers import (
     build_scheduler,
@@ -111,79 +128,6 @@ def resolve_amp(amp: str, device: torch.device) -> torch.dtype | None:
     return torch.float16
 
 
-def macro_auc(y_true: np.ndarray, proba: np.ndarray) -> float:
-    """Mean one-vs-rest ROC AUC over the classes that have both positives and negatives
-    in ``y_true`` (``sklearn.metrics.roc_auc_score`` per class); NaN when none has."""
-    aucs = []
-    for c in range(proba.shape[1]):
-        pos = y_true == c
-        if 0 < pos.sum() < len(y_true):
-            aucs.append(roc_auc_score(pos, proba[:, c]))
-    return float(np.mean(aucs)) if aucs else float("nan")
-
-
-def classification_scores(y_true: np.ndarray, proba: np.ndarray) -> dict[str, float]:
-    """``loss`` (mean negative log-likelihood), ``balanced_accuracy`` (mean per-class
-    recall, sklearn) and ``macro_auc`` of probabilities ``proba`` against ``y_true``."""
-    y_true = np.asarray(y_true, dtype=np.int64)
-    p = np.clip(proba[np.arange(len(y_true)), y_true], 1e-12, 1.0)
-    return {
-        "loss": float(-np.log(p).mean()),
-        "balanced_accuracy": float(balanced_accuracy_score(y_true, proba.argmax(1))),
-        "macro_auc": macro_auc(y_true, proba),
-    }
-
-
-def _fingerprint(
-    cfg: TrainConfig, *arrays: np.ndarray, extra: Sequence[str] = ()
-) -> str:
-    """Hash of the config parts that change the run (not epochs/patience/progress) + data."""
-    ignore = {
-        "epochs",
-        "patience",
-        "progress",
-        "resume",
-        "num_workers",
-        "max_train_minutes",
-        "eval_batch_size",
-        "device",
-        "min_delta",
-    }
-    d = {k: v for k, v in cfg.to_dict().items() if k not in ignore and k not in extra}
-    h = hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode())
-    for arr in arrays:
-        h.update(str(np.shape(arr)).encode())
-        flat = np.asarray(arr).reshape(-1)
-        h.update(np.ascontiguousarray(flat[:: max(1, flat.size // 100_000)]).tobytes())
-    return h.hexdigest()[:16]
-
-
-def _rng_state() -> dict[str, Any]:
-    state = {
-        "torch": torch.get_rng_state(),
-        "numpy": np.random.get_state()[1].tolist(),
-        "numpy_pos": int(np.random.get_state()[2]),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    np.random.set_state(
-        (
-            "MT19937",
-            np.asarray(state["numpy"], dtype=np.uint32),
-            state["numpy_pos"],
-            0,
-            0.0,
-        )
-    )
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
 def _feature_fn(model: torch.nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
     if hasattr(model, "features") and hasattr(model, "head"):
         return model.features
@@ -223,18 +167,6 @@ def _build_optimizer(params, cfg: TrainConfig) -> torch.optim.Optimizer:
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(params, lr=cfg.lr, momentum=0.9, nesterov=True)
     return torch.optim.AdamW(params, lr=cfg.lr)
-
-
-class _UInt8Dataset(torch.utils.data.Dataset):
-    def __init__(self, images: np.ndarray, labels: np.ndarray, transform) -> None:
-        self.images, self.labels, self.transform = images, labels, transform
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def __getitem__(self, i: int):
-        x = torch.from_numpy(np.ascontiguousarray(self.images[i])).permute(2, 0, 1)
-        return self.transform(x), int(self.labels[i])
 
 
 # ------------------------------------------------------------------------------ features
@@ -281,28 +213,11 @@ def extract_features(
     return torch.cat(out)
 
 
-# ------------------------------------------------------------------------------ training
-def train_model(
-    train_images: np.ndarray,
-    train_labels: Sequence[int],
-    val_images: np.ndarray,
-    val_labels: Sequence[int],
-    config: TrainConfig | dict[str, Any],
-    checkpoint_dir: str | os.PathLike | None = None,
-    device: torch.device | str | None = None,
-    classes: Sequence[str] = CLASSES,
-    on_epoch_end: Callable[[dict[str, float]], None] | None = None,
-) -> TrainResult:
-    """Train a classifier and return the best model (by ``config.monitor`` on val).
-
-    ``train_images`` / ``val_images``: ``(N, H, W, 3)`` uint8 at ``config.input_size``
-    (the image cache rows). ``train_labels`` / ``val_labels``: ints into ``classes``.
-    """
-    cfg = config if isinstance(config, TrainConfig) else TrainConfig.from_dict(config)
-    cfg.validate()
-    n_classes = len(classes)
-    y_train = np.array(train_labels, dtype=np.int64)
-    y_val = np.array(val_labels, dtype=np.int64)
+# ------------------------------------------------------------------------------ setup
+def check_inputs(
+    train_images, y_train, val_images, y_val, cfg: TrainConfig, n_classes: int
+) -> None:
+    """Shapes, sizes and labels of the two splits; ``ValueError`` naming the culprit."""
     for name, imgs, ys in (
         ("train", train_images, y_train),
         ("val", val_images, y_val),
@@ -328,29 +243,27 @@ def train_model(
             f"need training and validation images, got {len(y_train)} and {len(y_val)}"
         )
 
-    device = detect_device(cfg.device) if device is None else torch.device(device)
-    seed_everything(cfg.seed, cfg.deterministic)
-    amp_dtype = resolve_amp(cfg.amp, device)
-    scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
-    counts = np.bincount(y_train, minlength=n_classes)
 
+def build_model(
+    cfg: TrainConfig, classes: Sequence[str], counts: np.ndarray, device: torch.device
+) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """The model on ``device`` and the checkpoint meta it will carry."""
     model = create_model(
         cfg.arch,
-        num_classes=n_classes,
+        num_classes=len(classes),
         pretrained=cfg.pretrained,
         allow_random_init=cfg.allow_random_init,
         input_size=cfg.input_size,
         **cfg.model_kwargs,
     )
     prep = resolve_preprocessing(model)
-    mean, std = prep["mean"], prep["std"]
     meta_base = {
         "arch": cfg.arch,
         "model_kwargs": dict(cfg.model_kwargs),
         "classes": list(classes),
         "input_size": list(cfg.input_size),
-        "mean": mean,
-        "std": std,
+        "mean": prep["mean"],
+        "std": prep["std"],
         "interpolation": prep["interpolation"],
         "uses_metadata": False,
         "train_class_counts": counts.tolist(),
@@ -359,41 +272,19 @@ def train_model(
     model.to(device)
     if cfg.channels_last:
         model.to(memory_format=torch.channels_last)
-    aug = cfg.augment_config
-    frozen = cfg.train_mode == "frozen_features"
+    return model, meta_base
 
-    ckpt_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
-    fingerprint = _fingerprint(cfg, y_train, y_val, train_images, val_images)
 
-    # ---- what is trained, and how a batch is formed
+def build_optimization(
+    model: torch.nn.Module,
+    trainable: torch.nn.Module,
+    frozen: bool,
+    cfg: TrainConfig,
+    steps_per_epoch: int,
+):
+    """AdamW/SGD over the trainable parameters and the LR schedule."""
     if frozen:
-        for p in model.parameters():
-            p.requires_grad_(False)
-        trainable = _head_module(model)
-        for p in trainable.parameters():
-            p.requires_grad_(True)
-        train_feats, val_feats = _frozen_features(
-            model, cfg, train_images, val_images, mean, std, device, amp_dtype, ckpt_dir
-        )
-        data_path = "features"
-    else:
-        trainable = model
-        data_path = cfg.data_path
-        if data_path == "auto":
-            data_path = "device" if device.type == "cuda" else "dataloader"
-    n_train = len(y_train)
-    samples_per_epoch = int(cfg.samples_per_epoch or n_train)
-    micro_batches = math.ceil(samples_per_epoch / cfg.batch_size)
-    steps_per_epoch = max(1, math.ceil(micro_batches / cfg.grad_accum_steps))
-
-    compiled = trainable
-    if cfg.compile and device.type == "cuda" and not frozen:
-        compiled = torch.compile(trainable)
-
-    optimizer = _build_optimizer(
-        _param_groups(model, cfg)
-        if not frozen
-        else [
+        params = [
             {
                 "params": [p for p in trainable.parameters() if p.ndim > 1],
                 "weight_decay": cfg.weight_decay,
@@ -402,9 +293,10 @@ def train_model(
                 "params": [p for p in trainable.parameters() if p.ndim <= 1],
                 "weight_decay": 0.0,
             },
-        ],
-        cfg,
-    )
+        ]
+    else:
+        params = _param_groups(model, cfg)
+    optimizer = _build_optimizer(params, cfg)
     scheduler = build_scheduler(
         optimizer,
         cfg.scheduler,
@@ -417,273 +309,296 @@ def train_model(
         plateau_factor=cfg.plateau_factor,
         plateau_patience=cfg.plateau_patience,
     )
-    per_epoch_sched = steps_per_epoch_scheduler(cfg.scheduler)
-    criterion = build_loss(
-        cfg.loss, counts, cfg.class_weight_power, cfg.label_smoothing, cfg.focal_gamma
-    ).to(device)
-    # The warm-up needs the step: decay_t = min(ema_decay, 1 - (1 + t) ** -2/3), so the
-    # average forgets the starting weights within the first epochs (without the step timm
-    # applies ema_decay from step 1 and the new head's start lingers for many epochs).
-    ema = (
-        ModelEmaV3(trainable, decay=cfg.ema_decay, use_warmup=True) if cfg.ema else None
+    return optimizer, scheduler
+
+
+def wrap_ddp(
+    module: torch.nn.Module, cfg: TrainConfig, device: torch.device, ctx: DistContext
+) -> torch.nn.Module | None:
+    """The ``DistributedDataParallel`` wrapper of ``module`` (None when single). With
+    ``sync_bn`` the BatchNorm layers share their batch statistics across ranks (CUDA)."""
+    if not ctx.enabled:
+        return None
+    if cfg.sync_bn:
+        if device.type != "cuda":
+            raise ValueError(
+                "sync_bn: true needs CUDA (torch SyncBatchNorm runs on GPUs only); "
+                "on CPU use a model without BatchNorm or sync_bn: false"
+            )
+        module = torch.nn.SyncBatchNorm.convert_sync_batchnorm(module)
+    return torch.nn.parallel.DistributedDataParallel(
+        module, device_ids=[device.index] if device.type == "cuda" else None
     )
 
-    # ---- resume
-    start_epoch, history, best_score, best_epoch, bad_epochs = 1, [], None, 0, 0
-    mode = MONITORS[cfg.monitor]
-    last_path = ckpt_dir / "last.pt" if ckpt_dir else None
-    best_path = ckpt_dir / "best.pt" if ckpt_dir else None
-    if cfg.resume and last_path is not None and last_path.is_file():
-        state = torch.load(last_path, map_location="cpu", weights_only=True)
-        if state.get("fingerprint") != fingerprint:
-            logger.warning(
-                "%s was written by a different config or data; starting afresh",
-                last_path,
-            )
-        else:
-            trainable.load_state_dict(state["trainable"])
-            optimizer.load_state_dict(state["optimizer"])
-            scheduler.load_state_dict(state["scheduler"])
-            scaler.load_state_dict(state["scaler"])
-            if ema is not None and state.get("ema") is not None:
-                ema.module.load_state_dict(state["ema"])
-            history = list(state["history"])
-            best_score, best_epoch, bad_epochs = (
-                state["best_score"],
-                state["best_epoch"],
-                state["bad_epochs"],
-            )
-            start_epoch = int(state["epoch"]) + 1
-            _set_rng_state(state["rng"])
-            logger.info("Resuming from %s at epoch %d", last_path, start_epoch)
-    best_state = None
-    if best_epoch and best_path is not None and best_path.is_file():
-        best_state = torch.load(best_path, map_location="cpu", weights_only=True)
 
-    # ---- the data feeders
-    if data_path == "device":
-        train_dev = torch.from_numpy(np.ascontiguousarray(train_images)).to(device)
-    labels_dev = torch.from_numpy(y_train).to(device)
-    loader = None
-    if data_path == "dataloader":
-        ds = _UInt8Dataset(
-            train_images, y_train, torchvision_transform(aug, cfg.input_size, mean, std)
+# ------------------------------------------------------------------------------ training
+def train_model(
+    train_images: np.ndarray,
+    train_labels: Sequence[int],
+    val_images: np.ndarray,
+    val_labels: Sequence[int],
+    config: TrainConfig | dict[str, Any],
+    checkpoint_dir: str | os.PathLike | None = None,
+    device: torch.device | str | None = None,
+    classes: Sequence[str] = CLASSES,
+    on_epoch_end: Callable[[dict[str, float]], None] | None = None,
+    dist_context: DistContext = SINGLE,
+) -> TrainResult:
+    """Train a classifier and return the best model (by ``config.monitor`` on val).
+
+    ``train_images`` / ``val_images``: ``(N, H, W, 3)`` uint8 at ``config.input_size``
+    (the image cache rows). ``train_labels`` / ``val_labels``: ints into ``classes``.
+    Under DDP (``dist_context`` from
+    :func:`~skin_lesion_classifier.training.distributed.init_from_env`) every rank calls
+    this with the same arguments; ``config.batch_size`` is the global batch.
+    """
+    cfg = config if isinstance(config, TrainConfig) else TrainConfig.from_dict(config)
+    cfg.validate()
+    ctx = dist_context
+    y_train = np.array(train_labels, dtype=np.int64)
+    y_val = np.array(val_labels, dtype=np.int64)
+    check_inputs(train_images, y_train, val_images, y_val, cfg, len(classes))
+    device = detect_device(cfg.device) if device is None else torch.device(device)
+    seed_everything(cfg.seed, cfg.deterministic)
+    amp_dtype = resolve_amp(cfg.amp, device)
+    counts = np.bincount(y_train, minlength=len(classes))
+    model, meta_base = build_model(cfg, classes, counts, device)
+    mean, std = meta_base["mean"], meta_base["std"]
+    frozen = cfg.train_mode == "frozen_features"
+    ckpt_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
+
+    # ---- what is trained, and how a batch is formed
+    val_feats = None
+    if frozen:
+        for p in model.parameters():
+            p.requires_grad_(False)
+        trainable = _head_module(model)
+        for p in trainable.parameters():
+            p.requires_grad_(True)
+        train_feats, val_feats = _frozen_features(
+            model,
+            cfg,
+            train_images,
+            val_images,
+            meta_base,
+            device,
+            amp_dtype,
+            ckpt_dir,
+            ctx,
         )
+        feeder = FeatureFeeder(train_feats, y_train, cfg.batch_size, device, ctx)
+    else:
+        trainable = model
+        data_path = cfg.data_path
+        if data_path == "auto":
+            data_path = "device" if device.type == "cuda" else "dataloader"
+        feeder_cls = DeviceFeeder if data_path == "device" else LoaderFeeder
+        extra = () if data_path == "device" else (cfg.input_size,)
+        feeder = feeder_cls(
+            train_images,
+            y_train,
+            cfg.augment_config,
+            *extra,
+            mean,
+            std,
+            cfg,
+            device,
+            ctx,
+        )
+    samples_per_epoch = int(cfg.samples_per_epoch or len(y_train))
+    n_micro = count_batches(samples_per_epoch, cfg.batch_size, ctx)
+    steps_per_epoch = max(1, math.ceil(n_micro / cfg.grad_accum_steps))
+    optimizer, scheduler = build_optimization(
+        model, trainable, frozen, cfg, steps_per_epoch
+    )
+    stepper = Stepper(
+        forward=trainable,
+        trainable=trainable,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        per_epoch_scheduler=steps_per_epoch_scheduler(cfg.scheduler),
+        criterion=build_loss(
+            cfg.loss,
+            counts,
+            cfg.class_weight_power,
+            cfg.label_smoothing,
+            cfg.focal_gamma,
+        ).to(device),
+        scaler=torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16),
+        ema=ModelEmaV3(trainable, decay=cfg.ema_decay, use_warmup=True)
+        if cfg.ema
+        else None,
+        device=device,
+        amp_dtype=amp_dtype,
+        grad_accum_steps=cfg.grad_accum_steps,
+        grad_clip=cfg.grad_clip,
+    )
 
-    def batches(epoch_idx: torch.Tensor):
-        if data_path == "dataloader":
-            nonlocal loader
-            loader = torch.utils.data.DataLoader(
-                ds,
-                batch_size=cfg.batch_size,
-                sampler=epoch_idx.tolist(),
-                num_workers=cfg.num_workers,
-                pin_memory=device.type == "cuda",
-                persistent_workers=False,
-            )
-            for xb, yb in loader:
-                x = xb.to(device, non_blocking=True)
-                if cfg.channels_last:
-                    x = x.contiguous(memory_format=torch.channels_last)
-                yield x, yb.to(device, non_blocking=True)
-            return
-        for s in range(0, len(epoch_idx), cfg.batch_size):
-            idx = epoch_idx[s : s + cfg.batch_size].to(device)
-            if data_path == "features":
-                view = torch.randint(
-                    0, train_feats.shape[0], (len(idx),), device=device
-                )
-                yield train_feats[view, idx], labels_dev[idx]
-            else:
-                x = normalize(augment_batch(train_dev[idx], aug), mean, std)
-                if cfg.channels_last:
-                    x = x.contiguous(memory_format=torch.channels_last)
-                yield x, labels_dev[idx]
+    # ---- resume, then wrap (DDP starts every rank from rank 0's weights)
+    key = fingerprint(cfg, y_train, y_val, train_images, val_images)
+    last_path = ckpt_dir / "last.pt" if cfg.resume and ckpt_dir else None
+    state = load_last(last_path, key, stepper, ctx)
+    stepper.steps_done = (state.start_epoch - 1) * steps_per_epoch
+    if state.start_epoch == 1 and ctx.enabled:  # augmentation/dropout differ per rank
+        torch.manual_seed(cfg.seed + 1000 * ctx.rank)
+        np.random.seed(cfg.seed + 1000 * ctx.rank)
+    stepper.ddp = wrap_ddp(trainable, cfg, device, ctx)
+    core = stepper.ddp if stepper.ddp is not None else trainable
+    if cfg.compile and device.type == "cuda" and not frozen:
+        core = torch.compile(core)
+    stepper.forward = core
 
-    def evaluate(module: torch.nn.Module) -> np.ndarray:
+    best = _BestKeeper(
+        model, trainable, stepper, frozen, meta_base, ckpt_dir, ctx, state
+    )
+
+    def set_train_mode() -> None:
         if frozen:
-            module.eval()
-            with torch.inference_mode():
-                out = []
-                for s in range(0, len(val_feats), cfg.eval_batch_size):
-                    out.append(
-                        torch.softmax(
-                            module(val_feats[s : s + cfg.eval_batch_size]).float(), 1
-                        )
-                    )
-            return torch.cat(out).cpu().numpy()
+            model.eval()
+        trainable.train()
+
+    def evaluate() -> dict[str, float]:
+        module = stepper.ema.module if stepper.ema is not None else trainable
+        proba = _validation_proba(
+            module,
+            frozen,
+            val_feats,
+            val_images,
+            mean,
+            std,
+            device,
+            amp_dtype,
+            cfg.eval_batch_size,
+            len(classes),
+            ctx,
+        )
+        return validation_scores(y_val, proba)
+
+    gen = torch.Generator()
+
+    def feed(epoch: int):
+        gen.manual_seed(cfg.seed * 1000 + epoch)
+        return feeder(epoch_indices(y_train, cfg.sampler_power, samples_per_epoch, gen))
+
+    spec = FitSpec(
+        epochs=cfg.epochs,
+        patience=cfg.patience,
+        is_better=monitor_rule(cfg.monitor, MONITORS[cfg.monitor], cfg.min_delta),
+        scheduler_metric=cfg.monitor,
+        max_train_minutes=cfg.max_train_minutes,
+        progress_total=samples_per_epoch // ctx.world_size if cfg.progress else None,
+        name=cfg.arch,
+    )
+    stopped_early = fit(
+        stepper,
+        feed,
+        set_train_mode,
+        evaluate,
+        spec,
+        state,
+        ctx,
+        on_improved=best.keep,
+        on_epoch_saved=lambda row, st: save_last(
+            ckpt_dir / "last.pt" if ckpt_dir else None,
+            key,
+            row["epoch"],
+            stepper,
+            st,
+            cfg,
+            ctx,
+        ),
+        on_epoch_end=on_epoch_end,
+    )
+    return _finalise(cfg, classes, best.checkpoint(), state, stopped_early)
+
+
+class _BestKeeper:
+    """Holds the best epoch's contract checkpoint; rank 0 writes it to ``best.pt``."""
+
+    def __init__(
+        self, model, trainable, stepper, frozen, meta_base, ckpt_dir, ctx, state
+    ):
+        self.model, self.trainable, self.stepper = model, trainable, stepper
+        self.frozen, self.meta_base, self.ctx, self.state = (
+            frozen,
+            meta_base,
+            ctx,
+            state,
+        )
+        self.path = ckpt_dir / "best.pt" if ckpt_dir else None
+        self.best = None
+        if state.best_epoch and self.path is not None and self.path.is_file():
+            self.best = torch.load(self.path, map_location="cpu", weights_only=True)
+
+    def _eval_module(self):
+        ema = self.stepper.ema
+        return ema.module if ema is not None else self.trainable
+
+    def keep(self, row: dict[str, float]) -> None:
+        self.best = _best_checkpoint(
+            self.model,
+            self.trainable,
+            self._eval_module(),
+            self.frozen,
+            self.meta_base,
+            row,
+        )
+        if self.path is not None and self.ctx.is_main:
+            atomic_torch_save(self.best, self.path)
+
+    def checkpoint(self) -> dict[str, Any]:
+        if self.best is None:  # resumed a finished run without best.pt
+            self.best = _best_checkpoint(
+                self.model,
+                self.trainable,
+                self._eval_module(),
+                self.frozen,
+                self.meta_base,
+                self.state.history[-1] if self.state.history else {},
+            )
+        return self.best
+
+
+def _validation_proba(
+    module,
+    frozen,
+    val_feats,
+    val_images,
+    mean,
+    std,
+    device,
+    amp_dtype,
+    batch_size,
+    n_classes,
+    ctx,
+) -> np.ndarray:
+    """Validation probabilities: this rank's contiguous share, gathered in order."""
+    start, stop = shard_bounds(len(val_images), ctx)
+    if stop == start:
+        part = np.zeros((0, n_classes), dtype=np.float32)
+    elif frozen:
+        module.eval()
+        with torch.inference_mode():
+            out = [
+                torch.softmax(module(val_feats[s : s + batch_size]).float(), 1)
+                for s in range(start, stop, batch_size)
+            ]
+        part = torch.cat(out).cpu().numpy()
+    else:
         with torch.autocast(
             device.type, dtype=amp_dtype, enabled=amp_dtype is not None
         ):
-            return predict_proba(
-                module, val_images, mean, std, device, cfg.eval_batch_size
+            part = predict_proba(
+                module, val_images[start:stop], mean, std, device, batch_size
             )
+    return gather_rows(part, ctx)
 
-    # ---- the loop
-    t_start = time.perf_counter()
-    optimizer_steps = (start_epoch - 1) * steps_per_epoch
-    stopped_early = False
-    gen = torch.Generator()
-    for epoch in range(start_epoch, cfg.epochs + 1):
-        gen.manual_seed(cfg.seed * 1000 + epoch)
-        epoch_idx = epoch_indices(y_train, cfg.sampler_power, samples_per_epoch, gen)
-        trainable.train()
-        if frozen:
-            model.eval()
-            trainable.train()
-        t0 = time.perf_counter()
-        loss_sum, seen = torch.zeros((), device=device), 0
-        bar = None
-        if cfg.progress:
-            from tqdm.auto import tqdm
 
-            bar = tqdm(
-                total=samples_per_epoch,
-                desc=f"epoch {epoch}/{cfg.epochs}",
-                unit="img",
-                leave=False,
-                mininterval=1.0,
-            )
-        optimizer.zero_grad(set_to_none=True)
-        for k, (x, y) in enumerate(batches(epoch_idx)):
-            with torch.autocast(
-                device.type, dtype=amp_dtype, enabled=amp_dtype is not None
-            ):
-                logits = compiled(x)
-            loss = criterion(logits.float(), y)
-            scaler.scale(loss / cfg.grad_accum_steps).backward()
-            last_micro = (k + 1) % cfg.grad_accum_steps == 0 or (k + 1) == micro_batches
-            if last_micro:
-                if cfg.grad_clip and cfg.grad_clip > 0:
-                    scaler.unscale_(optimizer)
-                    torch.nn.utils.clip_grad_norm_(
-                        trainable.parameters(), cfg.grad_clip
-                    )
-                scaler.step(optimizer)
-                scaler.update()
-                optimizer.zero_grad(set_to_none=True)
-                if not per_epoch_sched:
-                    scheduler.step()
-                optimizer_steps += 1
-                if ema is not None:
-                    ema.update(trainable, step=optimizer_steps)
-            # summed on the device: no host sync per step (that would stall a GPU)
-            loss_sum = loss_sum + loss.detach().float() * len(y)
-            seen += len(y)
-            if bar is not None:
-                bar.update(len(y))
-                if k % 50 == 0:
-                    bar.set_postfix(loss=f"{loss_sum.item() / seen:.4f}", refresh=False)
-        if bar is not None:
-            bar.close()
-        total_loss = float(loss_sum.item())
-        if not math.isfinite(total_loss):
-            raise FloatingPointError(
-                f"training loss became {total_loss} in epoch {epoch}; lower lr or enable "
-                "grad_clip"
-            )
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        train_seconds = time.perf_counter() - t0
-        eval_module = ema.module if ema is not None else trainable
-        proba = evaluate(
-            eval_module if frozen else (ema.module if ema is not None else compiled)
-        )
-        scores = classification_scores(y_val, proba)
-        row = {
-            "epoch": epoch,
-            "train_loss": total_loss / max(1, seen),
-            "val_loss": scores["loss"],
-            "val_balanced_accuracy": scores["balanced_accuracy"],
-            "val_macro_auc": scores["macro_auc"],
-            "lr": float(optimizer.param_groups[-1]["lr"]),
-            "images_per_second": seen / max(train_seconds, 1e-9),
-            "epoch_seconds": time.perf_counter() - t0,
-        }
-        history.append(row)
-        if per_epoch_sched:
-            scheduler.step(row[cfg.monitor])
-        score = row[cfg.monitor]
-        improved = best_score is None or (
-            score > best_score + cfg.min_delta
-            if mode == "max"
-            else score < best_score - cfg.min_delta
-        )
-        if improved:
-            best_score, best_epoch, bad_epochs = score, epoch, 0
-            best_state = _best_checkpoint(
-                model, trainable, eval_module, frozen, meta_base, row
-            )
-            if best_path is not None:
-                atomic_torch_save(best_state, best_path)
-        else:
-            bad_epochs += 1
-        logger.info(
-            "epoch %d/%d  train_loss %.4f  val_loss %.4f  val_BA %.4f  val_AUC %.4f  lr %.2e  %.0f img/s%s",
-            epoch,
-            cfg.epochs,
-            row["train_loss"],
-            row["val_loss"],
-            row["val_balanced_accuracy"],
-            row["val_macro_auc"],
-            row["lr"],
-            row["images_per_second"],
-            "  *" if improved else "",
-        )
-        if last_path is not None:
-            atomic_torch_save(
-                {
-                    "fingerprint": fingerprint,
-                    "epoch": epoch,
-                    "trainable": unwrap_model(trainable).state_dict(),
-                    "ema": ema.module.state_dict() if ema is not None else None,
-                    "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(),
-                    "scaler": scaler.state_dict(),
-                    "history": history,
-                    "best_score": best_score,
-                    "best_epoch": best_epoch,
-                    "bad_epochs": bad_epochs,
-                    "rng": _rng_state(),
-                    "config": cfg.to_dict(),
-                },
-                last_path,
-            )
-        if (
-            on_epoch_end is not None
-        ):  # after last.pt: a callback that stops the run can resume
-            on_epoch_end(dict(row))
-        if bad_epochs >= cfg.patience:
-            logger.info(
-                "Early stop: %s did not improve for %d epochs",
-                cfg.monitor,
-                cfg.patience,
-            )
-            stopped_early = True
-            break
-        if (
-            cfg.max_train_minutes
-            and (time.perf_counter() - t_start) / 60 > cfg.max_train_minutes
-        ):
-            logger.info(
-                "Stopping: the %.1f-minute training budget is spent",
-                cfg.max_train_minutes,
-            )
-            stopped_early = True
-            break
-
-    if best_state is None:  # resumed a finished run without best.pt
-        best_state = _best_checkpoint(
-            model,
-            trainable,
-            ema.module if ema else trainable,
-            frozen,
-            meta_base,
-            history[-1] if history else {},
-        )
+def _finalise(cfg, classes, best_state, state, stopped_early) -> TrainResult:
+    """A fresh CPU model with the best weights, the history frame and the best figures."""
     final = create_model(
         cfg.arch,
-        num_classes=n_classes,
+        num_classes=len(classes),
         pretrained=False,
         allow_random_init=True,
         input_size=cfg.input_size,
@@ -692,7 +607,8 @@ def train_model(
     )
     final.load_state_dict(best_state["state_dict"])
     final.eval()
-    hist = pd.DataFrame(history, columns=list(HISTORY_COLUMNS))
+    hist = pd.DataFrame(state.history, columns=list(HISTORY_COLUMNS))
+    best_epoch = state.best_epoch
     best_row = (
         hist.loc[hist.epoch == best_epoch].iloc[0].to_dict() if best_epoch else {}
     )
@@ -718,11 +634,11 @@ def _best_checkpoint(
 
 
 def _frozen_features(
-    model, cfg, train_images, val_images, mean, std, device, amp_dtype, ckpt_dir
+    model, cfg, train_images, val_images, meta_base, device, amp_dtype, ckpt_dir, ctx
 ):
     """``(views, N_train, D)`` train features (view 0 plain, the rest augmented) and
     ``(N_val, D)`` val features, cached in ``ckpt_dir/features.pt`` when given."""
-    key = _fingerprint(
+    key = fingerprint(
         cfg,
         train_images,
         val_images,
@@ -762,13 +678,13 @@ def _frozen_features(
             return cached["train"].to(device), cached["val"].to(device)
     aug = cfg.augment_config
     kw = dict(
-        mean=mean,
-        std=std,
+        mean=meta_base["mean"],
+        std=meta_base["std"],
         device=device,
         batch_size=cfg.eval_batch_size,
         autocast_dtype=amp_dtype,
         channels_last=cfg.channels_last,
-        progress=cfg.progress,
+        progress=cfg.progress and ctx.is_main,
     )
     views = [extract_features(model, train_images, desc="train features (plain)", **kw)]
     for v in range(1, cfg.feature_views):
@@ -783,7 +699,7 @@ def _frozen_features(
         )
     train_feats = torch.stack(views)
     val_feats = extract_features(model, val_images, desc="val features", **kw)
-    if path is not None:
+    if path is not None and ctx.is_main:
         atomic_torch_save(
             {"key": key, "train": train_feats.cpu(), "val": val_feats.cpu()}, path
         )
@@ -793,9 +709,7 @@ def _frozen_features(
 __all__ = [
     "HISTORY_COLUMNS",
     "TrainResult",
-    "classification_scores",
     "extract_features",
-    "macro_auc",
     "resolve_amp",
     "seed_everything",
     "train_model",
