@@ -32,7 +32,8 @@ from skin_lesion_classifier.data.splitting import stratified_group_split
 from skin_lesion_classifier.device import detect_device
 from skin_lesion_classifier.inference.predict import predict_proba
 from skin_lesion_classifier.training.config import TrainConfig, base_train_params
-from skin_lesion_classifier.training.engine import classification_scores, train_model
+from skin_lesion_classifier.training.engine import train_model
+from skin_lesion_classifier.training.loop import validation_scores
 
 
 def load_train_config(path: str | Path) -> dict[str, Any]:
@@ -175,7 +176,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         dt = time.perf_counter() - t0
         if split == "test":
             infer_ips = len(imgs[split]) / dt
-        scores[split] = classification_scores(parts[split].label.values, proba)
+        scores[split] = validation_scores(parts[split].label.values, proba)
 
     figures = {
         "device": str(device),
@@ -192,10 +193,10 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         "train_images_per_second": round(train_ips, 1),
         "inference_images_per_second": round(infer_ips, 1),
         "wall_seconds": round(time.perf_counter() - t_wall, 1),
-        "val_balanced_accuracy": round(scores["val"]["balanced_accuracy"], 4),
-        "val_macro_auc": round(scores["val"]["macro_auc"], 4),
-        "test_balanced_accuracy": round(scores["test"]["balanced_accuracy"], 4),
-        "test_macro_auc": round(scores["test"]["macro_auc"], 4),
+        "val_balanced_accuracy": round(scores["val"]["val_balanced_accuracy"], 4),
+        "val_macro_auc": round(scores["val"]["val_macro_auc"], 4),
+        "test_balanced_accuracy": round(scores["test"]["val_balanced_accuracy"], 4),
+        "test_macro_auc": round(scores["test"]["val_macro_auc"], 4),
     }
     width = max(len(k) for k in figures)
     for k, v in figures.items():

@@ -133,7 +133,8 @@ class LoaderFeeder:
 class FeatureFeeder:
     """Batches of precomputed features ``(views, N, D)``: each sample gets one random view
     (drawn from ``generator`` when given, else the global RNG on the device); ``extra``
-    ``(N, E)`` makes the inputs ``(features, extra)``."""
+    ``(N, E)`` makes the inputs ``(features, extra)``, each batch of it passed through
+    ``extra_transform`` when given (e.g. training-time masking of metadata fields)."""
 
     def __init__(
         self,
@@ -143,10 +144,12 @@ class FeatureFeeder:
         device: torch.device,
         ctx: DistContext,
         extra: torch.Tensor | None = None,
+        extra_transform=None,
         generator: torch.Generator | None = None,
         min_batch: int = 1,
     ):
         self.features, self.extra, self.generator = features, extra, generator
+        self.extra_transform = extra_transform
         self.labels = torch.as_tensor(np.asarray(labels, dtype=np.int64), device=device)
         self.batch_size, self.device, self.ctx = batch_size, device, ctx
         self.min_batch = min_batch
@@ -167,7 +170,13 @@ class FeatureFeeder:
             else:
                 view = torch.randint(0, views, (len(idx),), device=self.device)
             feats = self.features[view, idx]
-            inputs = feats if self.extra is None else (feats, self.extra[idx])
+            if self.extra is None:
+                inputs = feats
+            else:
+                extra = self.extra[idx]
+                if self.extra_transform is not None:
+                    extra = self.extra_transform(extra)
+                inputs = (feats, extra)
             yield inputs, self.labels[idx], scale
 
 

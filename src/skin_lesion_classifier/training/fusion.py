@@ -1,6 +1,7 @@
 """Second-stage training of the metadata-fusion heads (:mod:`models.fusion`).
 
-:func:`train_fusion_head` needs nothing from the main training loop: it starts from a
+:func:`train_fusion_head` runs on the same epoch loop as the image classifier
+(:mod:`~skin_lesion_classifier.training.loop`): it starts from a
 trained image-only checkpoint, freezes its backbone, computes the pooled features once
 (:func:`fusion_features`), and trains the heads on ``(features, metadata)``; the same call
 with ``use_metadata=False`` trains the image head alone with the same recipe, which is the
@@ -26,10 +27,15 @@ from skin_lesion_classifier.data.augment import AugmentConfig
 from skin_lesion_classifier.data.metadata_features import MetadataEncoder
 from skin_lesion_classifier.models.checkpoint import make_checkpoint
 from skin_lesion_classifier.models.fusion import fusion_from_image_model
-from skin_lesion_classifier.training.engine import (
-    classification_scores,
-    extract_features,
-    seed_everything,
+from skin_lesion_classifier.training.distributed import SINGLE
+from skin_lesion_classifier.training.engine import extract_features, seed_everything
+from skin_lesion_classifier.training.feeders import FeatureFeeder
+from skin_lesion_classifier.training.loop import (
+    FitSpec,
+    FitState,
+    Stepper,
+    fit,
+    validation_scores,
 )
 from skin_lesion_classifier.training.losses import build_loss
 from skin_lesion_classifier.training.sampler import epoch_indices
@@ -175,16 +181,8 @@ def train_fusion_head(
     m_train = torch.as_tensor(encoder.transform(train_rows), device=device)
     m_val = torch.as_tensor(encoder.transform(val_rows), device=device)
 
-    for p in fused.parameters():
-        p.requires_grad_(False)
-    trainable: list[nn.Module] = []
-    if use_metadata:
-        trainable += [fused.metadata_mlp, fused.metadata_head]
-    if cfg.train_image_head or not use_metadata:
-        trainable.append(fused.image_head_module())
-    params = [p for mod in trainable for p in mod.parameters()]
-    for p in params:
-        p.requires_grad_(True)
+    trainable = _select_trainable(fused, use_metadata, cfg.train_image_head)
+    params = [p for p in trainable.parameters()]
     optimizer = torch.optim.AdamW(
         [
             {
@@ -196,79 +194,85 @@ def train_fusion_head(
         lr=cfg.lr,
     )
     steps = max(1, math.ceil(len(y_train) / cfg.batch_size)) * cfg.epochs
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
     counts = np.bincount(y_train, minlength=len(meta["classes"]))
-    criterion = build_loss("ce", counts, cfg.class_weight_power, cfg.label_smoothing)
-    zeros_val = torch.zeros_like(m_val)
-    y_dev = torch.as_tensor(y_train, device=device)
 
-    def logits(feats: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    def logits(inputs) -> torch.Tensor:
+        feats, m = inputs
         if use_metadata:
             return fused.forward_from_features(feats, m)
         return fused.image_head_module()(feats)
 
-    def predict_val() -> np.ndarray:
-        fused.eval()
-        with torch.no_grad():
-            out = [
-                torch.softmax(
-                    logits(
-                        val_feats[s : s + cfg.eval_batch_size],
-                        (m_val if use_metadata else zeros_val)[
-                            s : s + cfg.eval_batch_size
-                        ],
-                    ).float(),
-                    dim=1,
-                )
-                for s in range(0, len(y_val), cfg.eval_batch_size)
-            ]
-        return torch.cat(out).cpu().numpy()
-
-    history, best, best_key, best_epoch, bad = [], None, None, 0, 0
+    stepper = Stepper(
+        forward=logits,
+        trainable=trainable,
+        optimizer=optimizer,
+        scheduler=torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps),
+        per_epoch_scheduler=False,
+        criterion=build_loss("ce", counts, cfg.class_weight_power, cfg.label_smoothing),
+        scaler=torch.amp.GradScaler("cuda", enabled=False),
+        ema=None,
+        device=device,
+        amp_dtype=None,
+        grad_accum_steps=1,
+        grad_clip=None,
+    )
     gen = torch.Generator()
-    for epoch in range(1, cfg.epochs + 1):
+    feeder = FeatureFeeder(
+        train_feats,
+        y_train,
+        cfg.batch_size,
+        device,
+        SINGLE,
+        extra=m_train,
+        extra_transform=lambda m: encoder.mask_fields(m, cfg.field_dropout, gen),
+        generator=gen,
+        min_batch=2,  # BatchNorm needs two samples
+    )
+
+    def feed(epoch: int):
         gen.manual_seed(cfg.seed * 1000 + epoch)
-        idx_all = epoch_indices(y_train, cfg.sampler_power, len(y_train), gen)
+        return feeder(epoch_indices(y_train, cfg.sampler_power, len(y_train), gen))
+
+    def set_train_mode() -> None:
         fused.eval()  # the frozen backbone's BatchNorm stays in eval mode
-        for mod in trainable:
-            mod.train()
-        total, seen = 0.0, 0
-        for s in range(0, len(idx_all), cfg.batch_size):
-            idx = idx_all[s : s + cfg.batch_size].to(device)
-            if len(idx) < 2:
-                continue  # BatchNorm needs two samples
-            view = torch.randint(0, train_feats.shape[0], (len(idx),), generator=gen)
-            m = encoder.mask_fields(m_train[idx], cfg.field_dropout, gen)
-            loss = criterion(
-                logits(train_feats[view.to(device), idx], m).float(),
-                y_dev[idx],
-            )
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-            total += float(loss.detach()) * len(idx)
-            seen += len(idx)
-        proba = predict_val()
-        scores = classification_scores(y_val, proba)
-        history.append(
-            {
-                "epoch": epoch,
-                "train_loss": total / max(seen, 1),
-                "val_loss": scores["loss"],
-                "val_balanced_accuracy": scores["balanced_accuracy"],
-                "val_macro_auc": scores["macro_auc"],
-                "lr": float(optimizer.param_groups[0]["lr"]),
-            }
-        )
-        key = (scores["balanced_accuracy"], -scores["loss"])
-        if best_key is None or key > best_key:
-            best_key, best_epoch, bad = key, epoch, 0
-            best = (copy.deepcopy(fused.state_dict()), proba)
-        else:
-            bad += 1
-            if bad >= cfg.patience:
-                break
+        trainable.train()
+
+    last = {}
+
+    def evaluate() -> dict[str, float]:
+        m = m_val if use_metadata else torch.zeros_like(m_val)
+        last["proba"] = _predict(logits, fused, val_feats, m, cfg.eval_batch_size)
+        return validation_scores(y_val, last["proba"])
+
+    best = {}
+
+    def keep(row: dict[str, float]) -> None:
+        best.update(state=copy.deepcopy(fused.state_dict()), proba=last["proba"])
+
+    state = FitState()
+    fit(
+        stepper,
+        feed,
+        set_train_mode,
+        evaluate,
+        FitSpec(
+            epochs=cfg.epochs,
+            patience=cfg.patience,
+            is_better=_ba_then_loss,
+            scheduler_metric="val_balanced_accuracy",
+            max_train_minutes=None,
+            progress_total=None,
+            name="fusion head" if use_metadata else "image head",
+        ),
+        state,
+        SINGLE,
+        on_improved=keep,
+        on_epoch_saved=lambda row, st: None,
+        on_epoch_end=None,
+    )
+    history, best_epoch = state.history, state.best_epoch
+    best_key = (state.best_row["val_balanced_accuracy"],)
+    best = (best["state"], best["proba"])
     fused.load_state_dict(best[0])
     fused.eval().cpu()
     hist = pd.DataFrame(history)
@@ -292,3 +296,41 @@ def train_fusion_head(
         }
         ckpt = make_checkpoint(fused, meta)
     return FusionResult(fused, ckpt, hist, int(best_epoch), best[1])
+
+
+def _select_trainable(
+    fused: nn.Module, use_metadata: bool, train_image_head: bool
+) -> nn.ModuleList:
+    """Freeze everything, then unfreeze the heads that this stage trains."""
+    for p in fused.parameters():
+        p.requires_grad_(False)
+    trainable: list[nn.Module] = []
+    if use_metadata:
+        trainable += [fused.metadata_mlp, fused.metadata_head]
+    if train_image_head or not use_metadata:
+        trainable.append(fused.image_head_module())
+    for mod in trainable:
+        for p in mod.parameters():
+            p.requires_grad_(True)
+    return nn.ModuleList(trainable)
+
+
+def _ba_then_loss(row: dict[str, float], best: dict[str, float] | None) -> bool:
+    """Higher validation balanced accuracy; ties broken by lower validation loss."""
+    if best is None:
+        return True
+    key = (row["val_balanced_accuracy"], -row["val_loss"])
+    return key > (best["val_balanced_accuracy"], -best["val_loss"])
+
+
+@torch.no_grad()
+def _predict(logits, fused, feats, metadata, batch_size) -> np.ndarray:
+    fused.eval()
+    out = [
+        torch.softmax(
+            logits((feats[s : s + batch_size], metadata[s : s + batch_size])).float(),
+            dim=1,
+        )
+        for s in range(0, len(feats), batch_size)
+    ]
+    return torch.cat(out).cpu().numpy()
