@@ -6,9 +6,11 @@ from typing import Any
 
 import pandas as pd
 
+from skin_lesion_classifier.constants import CLASSES
 from skin_lesion_classifier.data.cache import ImageCache
 from skin_lesion_classifier.training.config import TrainConfig
 from skin_lesion_classifier.training.engine import train_model
+from skin_lesion_classifier.training.launch import launch_training
 
 
 def _split(split_assignment: pd.DataFrame, name: str) -> pd.DataFrame:
@@ -28,14 +30,26 @@ def train_classifier(
     """
     cfg = TrainConfig.from_dict(params["train"])
     train, val = _split(split_assignment, "train"), _split(split_assignment, "val")
-    result = train_model(
-        image_cache.take(train["image_id"]),
-        train["label"].to_numpy(),
-        image_cache.take(val["image_id"]),
-        val["label"].to_numpy(),
-        cfg,
-        checkpoint_dir=params["checkpoint_dir"],
-    )
+    if cfg.distributed:  # DDP workers started here run the engine, not this session
+        result = launch_training(
+            image_cache.images,
+            image_cache.rows(train["image_id"]),
+            train["label"].to_numpy(),
+            image_cache.rows(val["image_id"]),
+            val["label"].to_numpy(),
+            cfg,
+            checkpoint_dir=params["checkpoint_dir"],
+            classes=CLASSES,
+        )
+    else:
+        result = train_model(
+            image_cache.take(train["image_id"]),
+            train["label"].to_numpy(),
+            image_cache.take(val["image_id"]),
+            val["label"].to_numpy(),
+            cfg,
+            checkpoint_dir=params["checkpoint_dir"],
+        )
     return result.checkpoint, result.history, history_to_metrics(result.history)
 
 
