@@ -15,10 +15,13 @@ A worker that raises ends the run: the launcher stops the other workers and
 
 from __future__ import annotations
 
+import json
 import logging
 import mmap
 import os
 import tempfile
+import time
+import traceback
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -91,6 +94,7 @@ class WorkerJob:
     checkpoint_dir: str | None
     classes: list[str]
     on_epoch_end: Any = None  # a picklable callable, e.g. for tests
+    error_dir: str | None = None  # where a failing rank leaves rank<R>.json
 
 
 def run_worker(job: WorkerJob) -> dict[str, Any] | None:
@@ -118,6 +122,9 @@ def run_worker(job: WorkerJob) -> dict[str, Any] | None:
             on_epoch_end=job.on_epoch_end,
             dist_context=ctx,
         )
+    except Exception as exc:
+        _record_failure(job.error_dir, ctx.rank, exc)
+        raise
     finally:
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
@@ -176,11 +183,12 @@ def launch_training(
             None if checkpoint_dir is None else str(checkpoint_dir),
             list(classes),
             on_epoch_end,
+            scratch,
         )
         try:
             out = elastic_launch(launch, run_worker)(job)
         except ChildFailedError as err:
-            raise WorkerFailed(_failure_message(err)) from None
+            raise WorkerFailed(_failure_message(Path(scratch), err)) from None
     res = out[0]
     model, _ = load_model(res["checkpoint"])
     hist = pd.DataFrame(res["history"], columns=list(HISTORY_COLUMNS))
@@ -194,16 +202,44 @@ def launch_training(
     )
 
 
-def _failure_message(err) -> str:
-    """``training rank R failed: <error>`` for the first failing rank, with its trace."""
-    rank, failure = min(err.failures.items(), key=lambda kv: kv[1].timestamp)
-    msg = failure.message
-    trace = ""
-    if isinstance(msg, dict):  # the worker's error file
-        trace = msg.get("extraInfo", {}).get("py_callstack", "")
-        msg = msg.get("message", msg)
-    text = str(msg).strip() or f"exit code {failure.exitcode}"
-    return f"training rank {rank} failed: {text}" + (f"\n{trace}" if trace else "")
+#: What a rank reports when another rank died under it (not the cause).
+_PEER_GONE = (
+    "Connection closed by peer",
+    "Connection reset by peer",
+    "Broken pipe",
+    "DistBackendError",
+    "NCCL communicator was aborted",
+)
+
+
+def _record_failure(error_dir: str | None, rank: int, exc: BaseException) -> None:
+    """Leave ``rank<R>.json`` (time, error, trace) for the launcher to report."""
+    if error_dir is None:
+        return
+    record = {
+        "time": time.time(),
+        "error": f"{type(exc).__name__}: {exc}",
+        "trace": traceback.format_exc(),
+    }
+    (Path(error_dir) / f"rank{rank}.json").write_text(json.dumps(record))
+
+
+def _failure_message(error_dir: Path, err) -> str:
+    """``training rank R failed: <error>`` for the rank that failed first; a rank that
+    only lost its peers is not the culprit."""
+    records = {
+        int(f.stem[4:]): json.loads(f.read_text()) for f in error_dir.glob("rank*.json")
+    }
+    if not records:  # died without raising (killed, out of memory)
+        rank, failure = min(err.failures.items())
+        return f"training rank {rank} failed: exit code {failure.exitcode}"
+
+    def order(item):
+        rank, rec = item
+        return (any(m in rec["error"] for m in _PEER_GONE), rec["time"], rank)
+
+    rank, rec = min(records.items(), key=order)
+    return f"training rank {rank} failed: {rec['error']}\n{rec['trace']}"
 
 
 __all__ = [
