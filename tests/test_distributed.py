@@ -31,6 +31,7 @@ from skin_lesion_classifier.training.engine import train_model
 from skin_lesion_classifier.training.feeders import global_batches
 from skin_lesion_classifier.training.launch import WorkerFailed, launch_training
 from skin_lesion_classifier.training.sampler import epoch_indices
+from tests.conftest import train_params
 
 SIZE = (64, 64)
 
@@ -45,7 +46,7 @@ def tiny(**overrides) -> dict:
         "arch": "test_efficientnet_gn",  # GroupNorm: no per-rank batch statistics
         "pretrained": False,
         "allow_random_init": True,
-        "model_kwargs": {"drop_rate": 0.0},
+        "model_kwargs": {"drop_rate": 0.0, "drop_path_rate": 0.0},
         "input_size": list(SIZE),
         "epochs": 2,
         "batch_size": 8,
@@ -62,7 +63,7 @@ def tiny(**overrides) -> dict:
         "num_workers": 0,
     }
     cfg.update(overrides)
-    return cfg
+    return train_params(**cfg)
 
 
 def _splits(cache, small_split):

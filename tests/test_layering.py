@@ -38,6 +38,11 @@ KNOWN_UPWARD = {
         "skin_lesion_classifier.training.bench",
         "skin_lesion_classifier.inference.predict",
     ),
+    # the loop scores validation with the project's metric functions (one copy of each)
+    (
+        "skin_lesion_classifier.training.loop",
+        "skin_lesion_classifier.evaluation.metrics",
+    ),
     # inference applies the decision rule that evaluation fits on validation
     (
         "skin_lesion_classifier.inference.decision",

@@ -26,25 +26,9 @@ import json
 import logging
 import sys
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pandas as pd
-
-
-def read_train_params(path: str | Path) -> dict[str, Any]:
-    """The ``train`` options of a parameters YAML: ``training: {train: ...}`` as in
-    ``conf/*/parameters_training.yml``, or the bare mapping of options."""
-    from omegaconf import OmegaConf
-
-    raw = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
-    if isinstance(raw, dict) and "training" in raw:
-        raw = raw["training"]
-    if isinstance(raw, dict) and "train" in raw:
-        raw = raw["train"]
-    if not isinstance(raw, dict):
-        raise ValueError(f"{path}: expected a mapping of training options")
-    return raw
 
 
 def load_cache(path: str | Path) -> tuple[np.ndarray, dict[str, int]]:
@@ -82,7 +66,12 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m skin_lesion_classifier.training",
         description=__doc__.split("::")[0],
     )
-    parser.add_argument("--params", required=True, help="parameters YAML")
+    parser.add_argument(
+        "--params",
+        required=True,
+        help="conf/<env>/parameters_training.yml (resolved on conf/base as kedro run "
+        "does) or a YAML of training options on top of conf/base's",
+    )
     parser.add_argument("--cache", required=True, help="image cache folder")
     parser.add_argument("--split", required=True, help="split assignment parquet")
     parser.add_argument("--output", required=True, help="folder for best.pt, last.pt")
@@ -91,11 +80,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from skin_lesion_classifier.models.checkpoint import atomic_torch_save
+    from skin_lesion_classifier.training.bench import load_train_config
     from skin_lesion_classifier.training.config import TrainConfig
     from skin_lesion_classifier.training.distributed import init_from_env
     from skin_lesion_classifier.training.engine import train_model
 
-    cfg = TrainConfig.from_dict(read_train_params(args.params))
+    cfg = TrainConfig.from_dict(load_train_config(args.params))
     ctx, device = init_from_env(cfg.device)
     logging.basicConfig(
         level=logging.INFO if ctx.is_main else logging.WARNING,
