@@ -18,7 +18,7 @@ RANDOM_INIT_PARAMS = $(if $(filter 1 true yes,$(ALLOW_RANDOM_INIT)),$(COMMA)trai
 TRAIN_PIPELINES := ingestion,splitting,model_input,training
 
 .PHONY: help setup data run train quick-train evaluate test lint viz mlflow-ui show-results serve \
-        serve-dev api-docs predict export-onnx bench-train bench-inference ensemble cross-validation clean \
+        serve-dev api-docs predict export-onnx bench-train bench-ddp bench-inference ensemble cross-validation clean \
         info check-gpu dataset-info train-efficientnet train-resnet train-vit train-swin train-ensemble \
         analyze visualize notebook format type-check pre-commit dev viz-build clean-logs clean-all
 
@@ -85,6 +85,13 @@ ensemble: setup  ## train the ensemble members, metadata fusion and the weighted
 
 cross-validation: setup  ## K-fold cross-validation over lesion-grouped folds
 	$(KEDRO) run --env $(KEDRO_ENV) --pipelines cross_validation
+
+bench-ddp: setup  ## training img/s and wall time with 1 and NPROC (default 2) DDP processes (CONFIG, LIMIT, EPOCHS)
+	for n in 1 $(or $(NPROC),2); do \
+	  $(BIN)/python -m skin_lesion_classifier.training.bench --config $(or $(CONFIG),conf/quick/parameters_training.yml) \
+	    --data-dir $(or $(DATA_DIR),../shared/data/ham10000) --limit $(or $(LIMIT),300) --epochs $(or $(EPOCHS),1) \
+	    --set progress=false $$( [ $$n -gt 1 ] && echo "--set distributed={nproc_per_node: $$n}" ); \
+	done
 
 bench-inference: setup  ## CPU latency/throughput of PyTorch and ONNX Runtime, service requests/s (loopback)
 	$(BIN)/skin-lesion-classifier bench-inference --model $(MODEL)

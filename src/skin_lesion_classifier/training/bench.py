@@ -8,6 +8,8 @@ makes the lesion-grouped, class-stratified 70/15/15 split with the project's
 ``stratified_group_split``, builds the uint8 cache at the training resolution, trains with
 the given config and prints: cache seconds, train images/s, inference images/s, wall time,
 and validation and test balanced accuracy and macro AUC. Runs on CPU and CUDA.
+``--set 'distributed={nproc_per_node: 2}'`` trains with 2 DDP processes instead
+(``make bench-ddp`` compares 1 and N processes).
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import torch
 import yaml
 
 from skin_lesion_classifier.config_defaults import resolved_parameters
-from skin_lesion_classifier.constants import CLASS_TO_INDEX
+from skin_lesion_classifier.constants import CLASS_TO_INDEX, CLASSES
 from skin_lesion_classifier.data.cache import build_image_cache
 from skin_lesion_classifier.data.images import IMAGE_SUFFIXES
 from skin_lesion_classifier.data.splitting import stratified_group_split
@@ -33,6 +35,7 @@ from skin_lesion_classifier.device import detect_device
 from skin_lesion_classifier.inference.predict import predict_proba
 from skin_lesion_classifier.training.config import TrainConfig, base_train_params
 from skin_lesion_classifier.training.engine import train_model
+from skin_lesion_classifier.training.launch import launch_training, resolve_nproc
 from skin_lesion_classifier.training.loop import validation_scores
 
 
@@ -142,15 +145,29 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     imgs = {s: cache.take(df.image_id) for s, df in parts.items()}
 
     t0 = time.perf_counter()
-    result = train_model(
-        imgs["train"],
-        parts["train"].label.values,
-        imgs["val"],
-        parts["val"].label.values,
-        cfg,
-        checkpoint_dir=args.checkpoint_dir,
-        device=device,
-    )
+    if (
+        cfg.distributed
+    ):  # DDP workers on this machine (startup included in train_seconds)
+        result = launch_training(
+            cache.images,
+            cache.rows(parts["train"].image_id),
+            parts["train"].label.values,
+            cache.rows(parts["val"].image_id),
+            parts["val"].label.values,
+            cfg,
+            args.checkpoint_dir,
+            CLASSES,
+        )
+    else:
+        result = train_model(
+            imgs["train"],
+            parts["train"].label.values,
+            imgs["val"],
+            parts["val"].label.values,
+            cfg,
+            checkpoint_dir=args.checkpoint_dir,
+            device=device,
+        )
     train_s = time.perf_counter() - t0
     hist = result.history
     # images through the training steps per second (the median epoch; for frozen_features
@@ -182,6 +199,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         "device": str(device),
         "arch": cfg.arch,
         "train_mode": cfg.train_mode,
+        "processes": resolve_nproc(cfg.distributed["nproc_per_node"])
+        if cfg.distributed
+        else 1,
         "input_size": list(cfg.input_size),
         "n_train": len(parts["train"]),
         "n_val": len(parts["val"]),
