@@ -177,7 +177,8 @@ def test_a_failing_rank_ends_the_run_with_its_error(cache, small_split):
             tiny(epochs=5),
             on_epoch_end=functools.partial(raise_on_rank, rank=1),
         )
-    assert time.perf_counter() - t0 < 120  # rank 0 did not wait in a collective
+    # rank 0 did not wait out the 30-minute collective timeout (bound loose for busy CPUs)
+    assert time.perf_counter() - t0 < 900
 
 
 def _write_inputs(tmp_path, cache, small_split):
