@@ -275,3 +275,26 @@ def test_external_set_dataset_gives_rows_issues_and_where_they_came_from(
         ExternalSetDataset(str(missing), str(external_set["csv"])).load()
     with pytest.raises(DatasetError, match="image_dir is not set"):
         ExternalSetDataset("", str(external_set["csv"]))
+
+
+def test_external_checkpoint_over_a_versioned_model_folder_loads_the_latest(tmp_path):
+    """``external_checkpoint`` (unversioned) points at the training run's versioned
+    ``model.pt`` folder and loads its latest version; a plain file loads as is."""
+    from kedro.io import Version
+
+    from skin_lesion_classifier.datasets.torch_checkpoint import TorchCheckpointDataset
+    from skin_lesion_classifier.models.checkpoint import make_checkpoint
+    from tests.conftest import tiny_model
+
+    folder = tmp_path / "model.pt"
+    for i, version in enumerate(
+        ("2026-01-01T00.00.00.000Z", "2026-01-02T00.00.00.000Z")
+    ):
+        model, meta = tiny_model(seed=i)
+        TorchCheckpointDataset(str(folder), version=Version(None, version)).save(
+            make_checkpoint(model, {**meta, "metrics": {"run": i}})
+        )
+    loaded = TorchCheckpointDataset(str(folder)).load()
+    assert loaded["meta"]["metrics"] == {"run": 1}
+    plain = folder / "2026-01-01T00.00.00.000Z" / "model.pt"
+    assert TorchCheckpointDataset(str(plain)).load()["meta"]["metrics"] == {"run": 0}
