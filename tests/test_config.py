@@ -170,3 +170,14 @@ def test_every_catalog_entry_names_its_kedro_viz_layer(env):
     assert catalog_conf["image_cache"]["path"].endswith(
         f"image_cache_{size[0]}x{size[1]}"
     )
+
+
+def test_the_project_pyfunc_predict_has_type_hints():
+    """MLflow validates and infers the signature from these (and warns without them)."""
+    import pandas as pd
+    from mlflow.models.signature import _extract_type_hints
+
+    from skin_lesion_classifier.mlflow_model import SkinLesionPyfunc
+
+    hints = _extract_type_hints(SkinLesionPyfunc.predict, input_arg_index=1)
+    assert hints.input is pd.DataFrame and hints.output is pd.DataFrame

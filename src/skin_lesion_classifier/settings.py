@@ -13,14 +13,14 @@ from kedro.config import OmegaConfigLoader  # noqa: F401
 
 from skin_lesion_classifier.hooks import ProjectHooks
 
-# Kedro 1.7's config loader registers its resolvers (globals, runtime_params and ours) with
-# OmegaConf 2.4's deprecated register_new_resolver(); nothing in this project can change
-# that call, so its deprecation notice is not shown on every run.
+# Kedro 1.7's config loader and kedro-mlflow's hook register their resolvers with OmegaConf
+# 2.4's deprecated register_new_resolver(); code outside this project that it cannot
+# change, so the deprecation notice is not shown on every run.
 warnings.filterwarnings(
     "ignore",
     message=r"register_new_resolver\(\) is deprecated",
     category=UserWarning,
-    module=r"kedro\.config\.omegaconf_config",
+    module=r"kedro(\.config\.omegaconf_config|_mlflow\.framework\.hooks)",
 )
 
 HOOKS = (ProjectHooks(),)
