@@ -16,9 +16,20 @@ from skin_lesion_classifier.pipelines.ensemble.pipeline import MEMBERS
 from skin_lesion_classifier.training.bench import load_train_config
 from skin_lesion_classifier.training.config import TrainConfig
 from skin_lesion_classifier.training.fusion import FusionHeadConfig
-from tests.conftest import project_params
+from tests.conftest import (
+    PROJECT_ROOT,  # noqa: E402
+    project_params,
+)
 
-ENVS = ("base", "quick")
+#: base and every environment shipped in conf/ (conf/local is the user's own)
+ENVS = (
+    "base",
+    *sorted(
+        p.name
+        for p in (PROJECT_ROOT / "conf").iterdir()
+        if p.is_dir() and p.name not in ("base", "local")
+    ),
+)
 TYPED = (TrainConfig, AugmentConfig, FusionHeadConfig)
 
 
@@ -164,7 +175,7 @@ def test_every_catalog_entry_names_its_kedro_viz_layer(env):
     assert set(layers.values()) <= LAYERS
     assert layers["raw_metadata"] == "raw" and layers["split_assignment"] == "primary"
     catalog = DataCatalog.from_config(catalog_conf)
-    for name in ("image_cache", "model_checkpoint", "member_1.image_cache"):
+    for name in ("raw_metadata", "image_cache", "member_1.image_cache"):
         assert catalog.get(name).metadata["kedro-viz"]["layer"] in LAYERS, name
     size = project_params(env)["model_input"]["input_size"]
     assert catalog_conf["image_cache"]["path"].endswith(
