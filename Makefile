@@ -17,7 +17,7 @@ COMMA := ,
 RANDOM_INIT_PARAMS = $(if $(filter 1 true yes,$(ALLOW_RANDOM_INIT)),$(COMMA)training.train.pretrained=false$(COMMA)training.train.allow_random_init=true)
 TRAIN_PIPELINES := ingestion,splitting,model_input,training
 
-.PHONY: help setup data run train quick-train evaluate test lint viz mlflow-ui show-results serve \
+.PHONY: help setup data run train quick-train evaluate test test-fast lint viz mlflow-ui show-results serve \
         serve-dev api-docs predict export-onnx bench-train bench-ddp bench-inference ensemble cross-validation clean \
         info check-gpu dataset-info train-efficientnet train-resnet train-vit train-swin train-ensemble \
         analyze visualize notebook format type-check pre-commit dev viz-build clean-logs clean-all
@@ -47,8 +47,11 @@ quick-train: setup  ## the same with the quick CPU config (about 20 minutes on 2
 evaluate: setup  ## evaluation + reporting on the latest model (or VERSION=<model version>), without retraining
 	$(KEDRO) run --env $(KEDRO_ENV) --pipelines evaluation,reporting $(if $(VERSION),--load-versions model_checkpoint:$(VERSION))
 
-test: setup  ## run the test suite
+test: setup  ## run the whole test suite (slow tests included)
 	$(BIN)/pytest
+
+test-fast: setup  ## the tests that train no model, start no service and run no kedro run
+	$(BIN)/pytest -m "not slow"
 
 lint: setup  ## ruff
 	$(BIN)/ruff check src tests

@@ -154,6 +154,7 @@ def test_fold_assignment_keeps_the_held_out_fold_out_of_training_and_selection(
         assert (a.split == "test").sum() == (folded_small_split.split == "test").sum()
 
 
+@pytest.mark.slow
 def test_cross_validation_pipeline_trains_each_fold_and_reports(
     folded_small_split, project_root, tmp_path
 ):

@@ -268,6 +268,7 @@ def ensemble_run(tmp_path_factory, small_split, project_root):
     return {"out": out, "split": small_split, "metrics": logged, "params": params}
 
 
+@pytest.mark.slow
 def test_ensemble_pipeline_end_to_end(ensemble_run):
     import json
 

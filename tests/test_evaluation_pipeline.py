@@ -35,6 +35,9 @@ FIGURES = (
     "class_imbalance",
 )
 
+#: every test here reads the run of a model trained for the purpose (pipeline_run)
+pytestmark = pytest.mark.slow
+
 
 def _train_tiny_model(split: pd.DataFrame):
     """Two epochs of plain Adam on the 28 training images; returns the checkpoint dict and

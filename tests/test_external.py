@@ -142,6 +142,7 @@ def _catalog(project_root: Path, out: Path) -> dict:
     return conf
 
 
+@pytest.mark.slow
 def test_external_pipeline_reports_an_ensemble_with_the_gaps_listed(
     external_set, small_split, project_root, tmp_path
 ):

@@ -131,6 +131,7 @@ def test_with_metadata_joins_by_image_id(small_split, metadata_df):
         with_metadata(pd.DataFrame({"image_id": ["ISIC_nope"]}), metadata_df)
 
 
+@pytest.mark.slow
 def test_fusion_model_trains_and_round_trips_through_checkpoint(small_split):
     torch.manual_seed(0)
     torch.set_num_threads(1)
@@ -224,6 +225,7 @@ def _tiny_trained_model(small_split, size=(48, 64)):
     return result, load
 
 
+@pytest.mark.slow
 def test_second_stage_fusion_starts_at_the_image_model_and_trains(small_split):
     from skin_lesion_classifier.models.fusion import fusion_from_image_model
     from skin_lesion_classifier.training.fusion import train_fusion_head

@@ -396,6 +396,7 @@ def _post(url: str, path: Path, fields: dict | None = None, endpoint="/predict")
     )
 
 
+@pytest.mark.slow
 def test_service_describes_the_ensemble_and_its_metadata(ensemble_server) -> None:
     info = httpx.get(ensemble_server.url + "/model").json()
     assert info["uses_metadata"] is True
@@ -409,6 +410,7 @@ def test_service_describes_the_ensemble_and_its_metadata(ensemble_server) -> Non
     assert info["input_size"] == list(FUSION_SIZE) and info["explainable"]
 
 
+@pytest.mark.slow
 def test_service_uses_the_form_fields(ensemble_server, models, samples_dir) -> None:
     path = sorted((samples_dir / "images").glob("*.jpg"))[3]
     engine = load_predictor(models["ensemble"])
@@ -446,6 +448,7 @@ def test_service_uses_the_form_fields(ensemble_server, models, samples_dir) -> N
         ({"localization": "x" * 200}, "localization"),
     ],
 )
+@pytest.mark.slow
 def test_service_rejects_bad_fields_with_422_naming_them(
     ensemble_server, samples_dir, fields, field
 ) -> None:
@@ -460,6 +463,7 @@ def test_service_rejects_bad_fields_with_422_naming_them(
     assert _post(ensemble_server.url, path, {"age": "60"}).status_code == 200
 
 
+@pytest.mark.slow
 def test_service_explains_the_ensemble_with_metadata_held_fixed(
     ensemble_server, samples_dir
 ) -> None:
@@ -560,6 +564,7 @@ def test_onnx_with_a_metadata_input_agrees_with_pytorch(
     assert np.abs(with_rows - onnx.predict(images[:4])).max() > 1e-3
 
 
+@pytest.mark.slow
 def test_service_runs_an_onnx_fusion_model_with_the_form_fields(
     models, samples_dir, tmp_path
 ) -> None:

@@ -178,6 +178,7 @@ def test_inverse_frequency_sampling_balances_classes(metadata_df):
 
 
 # ----------------------------------------------------------------------- engine
+@pytest.mark.slow
 def test_loss_falls_and_best_checkpoint_reloads(tmp_path, cache, parts):
     result = _train(cache, parts, tmp_path / "ck", epochs=3)
     hist = result.history
@@ -207,6 +208,7 @@ def test_loss_falls_and_best_checkpoint_reloads(tmp_path, cache, parts):
     assert np.allclose(p1, p2, atol=1e-6) and np.allclose(p1.sum(1), 1, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_ema_warm_up_follows_the_optimizer_steps(cache, parts):
     """The EMA that is evaluated forgets the starting weights within the first steps
     (timm's warm-up needs the step count): with decay 0.9999 and one short epoch it moves
@@ -226,6 +228,7 @@ def test_ema_warm_up_follows_the_optimizer_steps(cache, parts):
     assert moved > 0.3 * trained
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_at_the_next_epoch(tmp_path, cache, parts):
     class Killed(Exception):
         pass
@@ -261,6 +264,7 @@ def test_killed_run_resumes_at_the_next_epoch(tmp_path, cache, parts):
     assert np.allclose(full.history.train_loss, resumed.history.train_loss, rtol=1e-4)
 
 
+@pytest.mark.slow
 def test_frozen_features_mode_trains_only_the_head(tmp_path, cache, parts):
     result = _train(
         cache,
