@@ -16,7 +16,12 @@ import pandas as pd
 import pytest
 import yaml
 
-from skin_lesion_classifier.inference.versions import saved_versions
+from skin_lesion_classifier.inference.versions import (
+    WEIGHTS_KEY,
+    saved_versions,
+    weights_digest,
+)
+from skin_lesion_classifier.models.checkpoint import read_checkpoint
 from tests.test_kedro_project import _scratch_project
 
 PER_CLASS = 10
@@ -140,7 +145,8 @@ def test_two_runs_at_once_keep_their_own_results(
             data / "06_models/decision_rule.json" / versions[-1] / "decision_rule.json"
         ).read_text()
     )
-    assert rule  # evaluated in the same run as the latest model
+    latest_weights = read_checkpoint(files[-1])["state_dict"]
+    assert rule[WEIGHTS_KEY] == weights_digest(latest_weights)  # chosen for that model
 
 
 _FIRST_USE = """

@@ -15,9 +15,11 @@ from skin_lesion_classifier.constants import CLASSES
 from skin_lesion_classifier.datasets.torch_checkpoint import TorchCheckpointDataset
 from skin_lesion_classifier.hooks import ProjectHooks, move_into_version_folder
 from skin_lesion_classifier.inference.versions import (
+    WEIGHTS_KEY,
     paired_version,
     resolve_version,
     saved_versions,
+    weights_digest,
 )
 from skin_lesion_classifier.models.checkpoint import make_checkpoint
 from skin_lesion_classifier.models.factory import create_model
@@ -39,10 +41,16 @@ def _checkpoint(seed: int) -> dict:
     return make_checkpoint(model, meta)
 
 
-def _write_rule(root: Path, version: str, threshold: float) -> None:
+def _write_rule(
+    root: Path, version: str, threshold: float, weights: str | None = None
+) -> None:
     path = root / "decision_rule.json" / version / "decision_rule.json"
     path.parent.mkdir(parents=True)
-    path.write_text(json.dumps({"rule": "argmax", "melanoma_threshold": threshold}))
+    rule = {"rule": "argmax", "class_weights": [1.0] * 7,
+            "melanoma_threshold": threshold}  # fmt: skip
+    if weights:
+        rule[WEIGHTS_KEY] = weights
+    path.write_text(json.dumps(rule))
 
 
 def test_checkpoints_are_versioned_and_the_latest_is_found(tmp_path: Path) -> None:
@@ -70,22 +78,27 @@ def test_serving_takes_the_latest_model_with_the_rule_evaluated_for_it(
     from skin_lesion_classifier.api.model_source import open_predictor
 
     models = tmp_path / "model.pt"
+    digests = {}
     for version, seed in ((V1, 1), (V3, 3)):
-        TorchCheckpointDataset(str(models), version=Version(None, version)).save(
-            _checkpoint(seed)
-        )
-    # V1's own run, a later evaluation-only run of V1 (V2), V3's run, a re-evaluation (V4)
-    for version, threshold in ((V1, 0.1), (V2, 0.2), (V3, 0.3), (V4, 0.4)):
-        _write_rule(tmp_path, version, threshold)
+        ckpt = _checkpoint(seed)
+        digests[version] = weights_digest(ckpt["state_dict"])
+        TorchCheckpointDataset(str(models), version=Version(None, version)).save(ckpt)
+    # V1's own run; an older rule naming no weights (V2); V3's own run; then V1
+    # re-evaluated after V3 was trained (V4): the latest model must not take V4's rule
+    _write_rule(tmp_path, V1, 0.1, digests[V1])
+    _write_rule(tmp_path, V2, 0.2)
+    _write_rule(tmp_path, V3, 0.3, digests[V3])
+    _write_rule(tmp_path, V4, 0.4, digests[V1])
+    latest = open_predictor(models)
+    assert latest.meta["seed"] == 3
+    assert latest.decision.melanoma_threshold == pytest.approx(0.3)
+    earlier = open_predictor(models / V1 / "model.pt")
+    assert earlier.meta["seed"] == 1
+    assert earlier.decision.melanoma_threshold == pytest.approx(0.4)
+    # rules that name no weights: the latest saved before the next model
     assert paired_version(models / V1 / "model.pt", "decision_rule.json") == (
         tmp_path / "decision_rule.json" / V2 / "decision_rule.json"
     )
-    latest = open_predictor(models)
-    assert latest.meta["seed"] == 3
-    assert latest.decision.melanoma_threshold == pytest.approx(0.4)
-    earlier = open_predictor(models / V1 / "model.pt")
-    assert earlier.meta["seed"] == 1
-    assert earlier.decision.melanoma_threshold == pytest.approx(0.2)
 
 
 def test_an_unversioned_file_left_by_an_older_checkout_is_kept(tmp_path: Path) -> None:

@@ -39,7 +39,11 @@ from skin_lesion_classifier.data.metadata_features import (
 from skin_lesion_classifier.data.transforms import to_float_nchw
 from skin_lesion_classifier.inference.decision import Decision, decision_from_meta
 from skin_lesion_classifier.inference.predict import predict_proba
-from skin_lesion_classifier.inference.versions import paired_version
+from skin_lesion_classifier.inference.versions import (
+    paired_version,
+    version_of,
+    weights_digest,
+)
 
 #: Key of the ONNX ``metadata_props`` entry that carries the checkpoint meta as JSON.
 ONNX_META_KEY = "skin_lesion_classifier.meta"
@@ -523,6 +527,18 @@ def read_decision_file(path: str | os.PathLike) -> dict[str, Any]:
     return data
 
 
+def _weights_digest_beside(model_path: Path) -> str | None:
+    """:func:`weights_digest` of the ``.pt`` checkpoint at (or, for an ONNX export, in the
+    same version folder as) ``model_path``; ``None`` when there is none."""
+    found = [model_path] if model_path.suffix == ".pt" else []
+    found = found or sorted(model_path.parent.glob("*.pt"))
+    if not found:
+        return None
+    from skin_lesion_classifier.models.checkpoint import read_checkpoint
+
+    return weights_digest(read_checkpoint(found[0])["state_dict"])
+
+
 def attach_decision(
     predictor: Predictor,
     model_path: str | os.PathLike,
@@ -542,8 +558,9 @@ def attach_decision(
         )
     elif not predictor.meta.get("decision"):
         beside = Path(model_path).with_name(DECISION_FILE)
-        if not beside.is_file():
-            beside = paired_version(model_path, DECISION_FILE) or beside
+        if not beside.is_file() and version_of(model_path) is not None:
+            digest = _weights_digest_beside(Path(model_path))
+            beside = paired_version(model_path, DECISION_FILE, digest) or beside
         if beside.is_file():
             predictor.use_decision(read_decision_file(beside), source=str(beside))
     return predictor

@@ -11,9 +11,14 @@ or ``kedro run --load-versions model_checkpoint:<version>``).
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import re
+from collections.abc import Mapping
 from pathlib import Path
+
+import torch
 
 #: Kedro's save-version format (``kedro.io.core.generate_timestamp``).
 VERSION_PATTERN = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}\.\d{2}\.\d{2}\.\d{3}Z$")
@@ -59,21 +64,53 @@ def version_of(file: str | os.PathLike) -> str | None:
     return parent.name if VERSION_PATTERN.match(parent.name) else None
 
 
-def paired_version(model_file: str | os.PathLike, name: str) -> Path | None:
+#: Key of the decision rule that names the weights it was chosen for.
+WEIGHTS_KEY = "model_weights_sha256"
+
+
+def weights_digest(state_dict: Mapping[str, object]) -> str:
+    """sha256 of a state dict's names and tensor bytes (in name order): which model a
+    decision rule was chosen for, whatever file the weights were saved to."""
+    h = hashlib.sha256()
+    for key in sorted(state_dict):
+        value = state_dict[key]
+        h.update(key.encode())
+        if isinstance(value, torch.Tensor):
+            raw = value.detach().cpu().contiguous().flatten().view(torch.uint8)
+            h.update(raw.numpy().tobytes())
+    return h.hexdigest()
+
+
+def _rule_digest(path: Path) -> str | None:
+    try:
+        return json.loads(path.read_text()).get(WEIGHTS_KEY)
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def paired_version(
+    model_file: str | os.PathLike, name: str, weights_sha256: str | None = None
+) -> Path | None:
     """The versioned file ``name`` (e.g. ``decision_rule.json``) beside the model's
-    versioned folder that belongs to the model at ``model_file``: the one saved by the same
-    run, else the latest saved after the model and before the next model version (an
-    evaluation-only run of that model). ``None`` when there is none.
+    versioned folder that belongs to the model at ``model_file``.
+
+    Among the versions saved since the model's own: the latest that names these weights
+    (``model_weights_sha256``, written by the evaluation pipeline; ``weights_sha256`` is
+    the model's :func:`weights_digest`), else the latest that names no weights and was
+    saved before the next model version. A rule chosen for other weights (a re-evaluation
+    of an earlier model) is never taken. ``None`` when there is none.
     """
     version = version_of(model_file)
     if version is None:
         return None
     model_root = Path(model_file).parent.parent
     sibling = model_root.parent / name
-    candidates = saved_versions(sibling)
-    if not candidates:
-        return None
-    later_models = [v for v in saved_versions(model_root) if v > version]
-    upper = later_models[0] if later_models else None
-    fitting = [v for v in candidates if v >= version and (upper is None or v < upper)]
+    later = [v for v in saved_versions(sibling) if v >= version]
+    digests = {v: _rule_digest(sibling / v / name) for v in later}
+    same = [v for v in later if weights_sha256 and digests[v] == weights_sha256]
+    if same:
+        return sibling / same[-1] / name
+    next_models = [v for v in saved_versions(model_root) if v > version]
+    upper = next_models[0] if next_models else None
+    fitting = [v for v in later if digests[v] is None and (upper is None or v < upper)]
     return sibling / fitting[-1] / name if fitting else None

@@ -30,6 +30,7 @@ from skin_lesion_classifier.evaluation.evaluate import (
 )
 from skin_lesion_classifier.evaluation.metrics import f1_vs_training_size
 from skin_lesion_classifier.inference.predictor import TorchPredictor, images_for
+from skin_lesion_classifier.inference.versions import WEIGHTS_KEY, weights_digest
 from skin_lesion_classifier.models.checkpoint import read_checkpoint
 from skin_lesion_classifier.reporting.format import to_jsonable
 from skin_lesion_classifier.reporting.sections import headline_rows
@@ -134,7 +135,9 @@ def choose_rule(
         rule.name,
         rule.melanoma_threshold,
     )
-    return to_jsonable(rule.to_dict())
+    # names the weights it was chosen for: serving pairs a versioned model with its rule
+    weights = read_checkpoint(_checkpoint_source(model_checkpoint))["state_dict"]
+    return to_jsonable({**rule.to_dict(), WEIGHTS_KEY: weights_digest(weights)})
 
 
 def compute_metrics(
