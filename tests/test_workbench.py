@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 import yaml
 
@@ -121,3 +122,14 @@ def test_pre_commit_hooks_are_local_and_strip_notebooks(project_root: Path) -> N
     assert {r["repo"] for r in conf["repos"]} == {"local"}  # nothing fetched offline
     ids = {h["id"] for r in conf["repos"] for h in r["hooks"]}
     assert {"ruff", "ruff-format", "nbstripout"} <= ids
+
+
+@pytest.mark.parametrize("name", ["01_data_exploration", "02_results"])
+def test_notebooks_are_committed_without_outputs(project_root: Path, name: str) -> None:
+    nbformat = pytest.importorskip("nbformat")
+    nb = nbformat.read(project_root / "notebooks" / f"{name}.ipynb", as_version=4)
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    assert code and all(not c.outputs and c.execution_count is None for c in code)
+    source = "\n".join(c.source for c in code)
+    assert "%load_ext kedro.ipython" in source and "catalog.load(" in source
+    assert "data/0" not in source  # paths come from the catalog, never typed here
