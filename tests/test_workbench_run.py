@@ -84,7 +84,7 @@ def _start_server(root: Path) -> tuple[subprocess.Popen, str]:
         stderr=subprocess.STDOUT,
         env=_env(),
     )
-    deadline = time.monotonic() + 180
+    deadline = time.monotonic() + 600  # a loaded 2-core machine takes minutes
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(
@@ -163,15 +163,14 @@ def test_runs_artifacts_and_models_go_to_the_tracking_server(served_run) -> None
     assert len(runs) == 1
     run = runs.iloc[0]
     assert run["status"] == "FINISHED"
-    assert 0 <= run["metrics.best_val_balanced_accuracy"] <= 1
+    (best_ba,) = [c for c in runs.columns if c.endswith(".best_val_balanced_accuracy")]
+    assert 0 <= run[best_ba] <= 1
     client = MlflowClient(uri)
     artifacts = {a.path for a in client.list_artifacts(run["run_id"])}
     assert {"checkpoint", "figures", "report.html"} <= artifacts
     champion = client.get_model_version_by_alias(MODEL_NAME, "champion")
     assert str(champion.version) == "1" and champion.run_id == run["run_id"]
-    assert float(champion.tags["val_balanced_accuracy"]) == pytest.approx(
-        run["metrics.best_val_balanced_accuracy"]
-    )
+    assert float(champion.tags["val_balanced_accuracy"]) == pytest.approx(run[best_ba])
     registration = json.loads(
         (proj / "data/06_models/model_registration.json").read_text()
     )
@@ -239,7 +238,11 @@ def test_the_logged_model_loads_where_the_project_is_not_installed(
     assert result["pred"] in CLASSES
 
 
-@pytest.mark.parametrize("name", ["01_data_exploration", "02_results"])
+#: Figures each notebook draws at least (counts, age, examples; confusion, mistakes).
+FIGURES = {"01_data_exploration": 3, "02_results": 2}
+
+
+@pytest.mark.parametrize("name", sorted(FIGURES))
 def test_notebooks_run_end_to_end(served_run, name: str, monkeypatch) -> None:
     """Each notebook executes top to bottom on the small run (Kedro's IPython extension,
     the catalog, the tracking server through MLFLOW_TRACKING_URI)."""
@@ -248,7 +251,6 @@ def test_notebooks_run_end_to_end(served_run, name: str, monkeypatch) -> None:
     proj, uri = served_run
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.setenv("KEDRO_DISABLE_TELEMETRY", "true")
-    monkeypatch.setenv("MPLBACKEND", "Agg")
     nb = nbformat.read(proj / "notebooks" / f"{name}.ipynb", as_version=4)
     client = nbclient.NotebookClient(
         nb,
@@ -260,7 +262,7 @@ def test_notebooks_run_end_to_end(served_run, name: str, monkeypatch) -> None:
     outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
     assert not [o for o in outputs if o.output_type == "error"]
     images = [o for o in outputs if "image/png" in o.get("data", {})]
-    assert len(images) >= 3  # the figures were drawn
+    assert len(images) >= FIGURES[name]  # the figures were drawn
 
 
 def test_kedro_viz_build_writes_a_static_site_with_previews(served_run) -> None:
