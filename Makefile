@@ -56,7 +56,7 @@ test-fast: setup  ## the tests that train no model, start no service and run no 
 lint: setup  ## ruff
 	$(BIN)/ruff check src tests
 
-viz: setup  ## serve the pipeline graph (kedro viz) on localhost, with previews of metrics and plots
+viz: setup  ## serve the pipeline graph (kedro viz) on localhost, with dataset previews
 	$(KEDRO) viz run --host $(HOST) --include-previews
 
 mlflow-ui: setup  ## the MLflow UI over the local store (mlflow.db)
@@ -135,7 +135,7 @@ visualize: setup  ## the reporting pipeline (figures + report) from the latest e
 notebook: setup  ## Jupyter with the Kedro kernel (catalog, context, session) in notebooks/
 	$(KEDRO) jupyter notebook --notebook-dir notebooks
 
-viz-build: setup  ## write the kedro-viz static site (graph + metric/plot previews) to build/
+viz-build: setup  ## write the kedro-viz static site (graph + dataset previews) to build/
 	$(KEDRO) viz build --include-previews
 
 format: setup  ## ruff format + import sorting over src/ and tests/

@@ -171,9 +171,8 @@ def test_runs_artifacts_and_models_go_to_the_tracking_server(served_run) -> None
     champion = client.get_model_version_by_alias(MODEL_NAME, "champion")
     assert str(champion.version) == "1" and champion.run_id == run["run_id"]
     assert float(champion.tags["val_balanced_accuracy"]) == pytest.approx(run[best_ba])
-    registration = json.loads(
-        (proj / "data/06_models/model_registration.json").read_text()
-    )
+    (saved,) = (proj / "data/06_models").rglob("model_registration.json/*/*.json")
+    registration = json.loads(saved.read_text())
     assert registration["promoted"] and registration["version"] == "1"
 
 
@@ -283,9 +282,11 @@ def test_kedro_viz_build_writes_a_static_site_with_previews(served_run) -> None:
     names = {n["name"]: n["id"] for n in graph["nodes"]}
     assert {"train_classifier", "register_model", "evaluation_metrics"} <= set(names)
 
-    def preview(dataset: str) -> dict:
+    def preview(dataset: str) -> tuple[str | None, object]:
         node = json.loads((build / "api" / "nodes" / names[dataset]).read_text())
-        return node.get("preview") or {}
+        return node.get("preview_type"), node.get("preview")
 
-    assert preview("evaluation_metrics")  # the metrics JSON
-    assert preview("plot_confusion_matrix")  # the plot itself
+    # metrics JSON and tables of the (unversioned) ingestion and splitting outputs
+    assert preview("data_quality_report")[0] == "JSONPreview"
+    assert preview("split_summary")[0] == "TablePreview"
+    assert preview("data_quality_report")[1]
