@@ -368,70 +368,26 @@ def train_model(
     ckpt_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
 
     # ---- what is trained, and how a batch is formed
-    val_feats = None
-    if frozen:
-        for p in model.parameters():
-            p.requires_grad_(False)
-        trainable = _head_module(model)
-        for p in trainable.parameters():
-            p.requires_grad_(True)
-        train_feats, val_feats = _frozen_features(
-            model,
-            cfg,
-            train_images,
-            val_images,
-            meta_base,
-            device,
-            amp_dtype,
-            ckpt_dir,
-            ctx,
-        )
-        feeder = FeatureFeeder(train_feats, y_train, cfg.batch_size, device, ctx)
-    else:
-        trainable = model
-        data_path = cfg.data_path
-        if data_path == "auto":
-            data_path = "device" if device.type == "cuda" else "dataloader"
-        feeder_cls = DeviceFeeder if data_path == "device" else LoaderFeeder
-        extra = () if data_path == "device" else (cfg.input_size,)
-        feeder = feeder_cls(
-            train_images,
-            y_train,
-            cfg.augment_config,
-            *extra,
-            mean,
-            std,
-            cfg,
-            device,
-            ctx,
-        )
+    trainable, feeder, val_feats = _trainable_and_feeder(
+        model,
+        meta_base,
+        cfg,
+        train_images,
+        y_train,
+        val_images,
+        device,
+        amp_dtype,
+        ckpt_dir,
+        ctx,
+    )
     samples_per_epoch = int(cfg.samples_per_epoch or len(y_train))
     n_micro = count_batches(samples_per_epoch, cfg.batch_size, ctx)
     steps_per_epoch = max(1, math.ceil(n_micro / cfg.grad_accum_steps))
     optimizer, scheduler = build_optimization(
         model, trainable, frozen, cfg, steps_per_epoch
     )
-    stepper = Stepper(
-        forward=trainable,
-        trainable=trainable,
-        optimizer=optimizer,
-        scheduler=scheduler,
-        per_epoch_scheduler=steps_per_epoch_scheduler(cfg.scheduler),
-        criterion=build_loss(
-            cfg.loss,
-            counts,
-            cfg.class_weight_power,
-            cfg.label_smoothing,
-            cfg.focal_gamma,
-        ).to(device),
-        scaler=torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16),
-        ema=ModelEmaV3(trainable, decay=cfg.ema_decay, use_warmup=True)
-        if cfg.ema
-        else None,
-        device=device,
-        amp_dtype=amp_dtype,
-        grad_accum_steps=cfg.grad_accum_steps,
-        grad_clip=cfg.grad_clip,
+    stepper = _build_stepper(
+        trainable, optimizer, scheduler, counts, cfg, device, amp_dtype
     )
 
     # ---- resume, then wrap (DDP starts every rank from rank 0's weights)
@@ -510,6 +466,83 @@ def train_model(
         on_epoch_end=on_epoch_end,
     )
     return _finalise(cfg, classes, best.checkpoint(), state, stopped_early)
+
+
+def _trainable_and_feeder(
+    model,
+    meta_base,
+    cfg,
+    train_images,
+    y_train,
+    val_images,
+    device,
+    amp_dtype,
+    ckpt_dir,
+    ctx,
+):
+    """The module to train, this rank's batch feeder, and (frozen backbone) the
+    validation features."""
+    if cfg.train_mode == "frozen_features":
+        for p in model.parameters():
+            p.requires_grad_(False)
+        trainable = _head_module(model)
+        for p in trainable.parameters():
+            p.requires_grad_(True)
+        train_feats, val_feats = _frozen_features(
+            model,
+            cfg,
+            train_images,
+            val_images,
+            meta_base,
+            device,
+            amp_dtype,
+            ckpt_dir,
+            ctx,
+        )
+        return (
+            trainable,
+            FeatureFeeder(train_feats, y_train, cfg.batch_size, device, ctx),
+            val_feats,
+        )
+    data_path = cfg.data_path
+    if data_path == "auto":
+        data_path = "device" if device.type == "cuda" else "dataloader"
+    mean, std, aug = meta_base["mean"], meta_base["std"], cfg.augment_config
+    if data_path == "device":
+        feeder = DeviceFeeder(train_images, y_train, aug, mean, std, cfg, device, ctx)
+    else:
+        feeder = LoaderFeeder(
+            train_images, y_train, aug, cfg.input_size, mean, std, cfg, device, ctx
+        )
+    return model, feeder, None
+
+
+def _build_stepper(
+    trainable, optimizer, scheduler, counts, cfg, device, amp_dtype
+) -> Stepper:
+    """Loss, gradient scaler and EMA around the optimiser (forward set after DDP)."""
+    return Stepper(
+        forward=trainable,
+        trainable=trainable,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        per_epoch_scheduler=steps_per_epoch_scheduler(cfg.scheduler),
+        criterion=build_loss(
+            cfg.loss,
+            counts,
+            cfg.class_weight_power,
+            cfg.label_smoothing,
+            cfg.focal_gamma,
+        ).to(device),
+        scaler=torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16),
+        ema=ModelEmaV3(trainable, decay=cfg.ema_decay, use_warmup=True)
+        if cfg.ema
+        else None,
+        device=device,
+        amp_dtype=amp_dtype,
+        grad_accum_steps=cfg.grad_accum_steps,
+        grad_clip=cfg.grad_clip,
+    )
 
 
 class _BestKeeper:
