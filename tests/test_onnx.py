@@ -120,7 +120,7 @@ def test_cli_export_onnx_reports_the_difference(
     out = tmp_path / "cli.onnx"
     rc = main(
         ["export-onnx", "--model", str(checkpoint), "--output", str(out), "--images",
-         str(samples_dir / "images"), "--n-check", "6", "--no-int8"]
+         str(samples_dir / "images"), "--n-check", "6"]
     )  # fmt: skip
     assert rc == 0 and out.is_file()
     text = capsys.readouterr().out

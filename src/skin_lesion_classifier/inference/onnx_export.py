@@ -1,4 +1,4 @@
-"""ONNX export, dynamic int8 quantisation and a PyTorch-vs-ONNX Runtime agreement check.
+"""ONNX export, static int8 quantisation and a PyTorch-vs-ONNX Runtime agreement check.
 
 The exported graph maps a normalised float ``input`` ``(batch, 3, H, W)`` to ``logits``
 ``(batch, C)`` with a dynamic batch axis; a model that fuses patient metadata (a fusion
@@ -116,40 +116,84 @@ def export_onnx(
     return path
 
 
+class _Calibration:
+    """ONNX Runtime calibration reader over batches of model inputs."""
+
+    def __init__(self, feeds: Sequence[dict[str, np.ndarray]]):
+        self._feeds = iter(feeds)
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        return next(self._feeds, None)
+
+
+def calibration_feeds(
+    predictor: Predictor,
+    images: np.ndarray,
+    metadata: np.ndarray | None,
+    batch_size: int = 16,
+) -> list[dict[str, np.ndarray]]:
+    """The model inputs (normalised ``input``, and ``metadata`` for fusion models) of
+    ``images`` in batches, as the ONNX graph takes them."""
+    from skin_lesion_classifier.data.transforms import to_float_nchw
+
+    feeds = []
+    for s in range(0, len(images), batch_size):
+        x = to_float_nchw(
+            images[s : s + batch_size], predictor.meta["mean"], predictor.meta["std"]
+        )
+        feed = {"input": x.numpy()}
+        if metadata is not None:
+            feed["metadata"] = np.asarray(metadata[s : s + batch_size], np.float32)
+        feeds.append(feed)
+    return feeds
+
+
 def quantize_int8(
     src: str | os.PathLike,
     dst: str | os.PathLike,
-    op_types: Sequence[str] | None = None,
+    calibration: Sequence[dict[str, np.ndarray]],
 ) -> Path:
-    """Dynamic int8 quantisation of an exported model with ONNX Runtime.
+    """Static int8 quantisation (QDQ) of an exported model with ONNX Runtime.
 
-    ``onnxruntime.quantization.quantize_dynamic`` stores weights as uint8 and quantises
-    activations on the fly (ConvInteger / MatMulInteger); the graph is pre-processed
-    (shape inference, folding) first, as ONNX Runtime recommends. ``op_types`` limits it
-    (e.g. ``["MatMul", "Gemm"]``); ``None`` quantises every supported op. Dynamic
-    quantisation suits MatMul-heavy models (ViT, Swin); for the depthwise-convolution
-    EfficientNets it is slower and drifts (see ``bench-inference``), so it is reported,
-    and :data:`INT8_MAX_DRIFT` / :data:`INT8_MIN_TOP1` decide whether it is recommended.
+    ``onnxruntime.quantization.quantize_static`` in the QDQ format: weights int8 per
+    output channel, activations uint8 with ranges calibrated (min-max) on ``calibration``
+    (batches of model inputs from :func:`calibration_feeds`, e.g. validation images);
+    ONNX Runtime fuses the QuantizeLinear/DequantizeLinear pairs around Conv, MatMul and
+    Gemm into integer kernels when it loads the model. The graph is pre-processed (shape
+    inference, folding) first, as ONNX Runtime recommends. Whether the result keeps its
+    answers is measured by :func:`export_and_verify` (:data:`INT8_MAX_DRIFT`,
+    :data:`INT8_MIN_TOP1`).
     """
     import onnx
-    from onnxruntime.quantization import QuantType, quantize_dynamic
+    from onnxruntime.quantization import (
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
+    if not calibration:
+        raise ValueError("static int8 quantisation needs calibration images")
     src, dst = Path(src), Path(dst)
     dst.parent.mkdir(parents=True, exist_ok=True)
     meta_props = {p.key: p.value for p in onnx.load(str(src)).metadata_props}
     with tempfile.TemporaryDirectory() as tmp:
         prepped = Path(tmp) / "prepped.onnx"
         quant_pre_process(str(src), str(prepped), skip_symbolic_shape=True)
-        quantize_dynamic(
+        quantize_static(
             str(prepped),
             str(dst),
-            weight_type=QuantType.QUInt8,
-            op_types_to_quantize=list(op_types) if op_types else None,
+            _Calibration(calibration),
+            quant_format=QuantFormat.QDQ,
+            per_channel=True,
+            weight_type=QuantType.QInt8,
+            activation_type=QuantType.QUInt8,
+            calibrate_method=CalibrationMethod.MinMax,
         )
     if ONNX_META_KEY in meta_props:
         set_onnx_meta(dst, json.loads(meta_props[ONNX_META_KEY]))
-    logger.info("Wrote int8 dynamic-quantised model to %s", dst)
+    logger.info("Wrote int8 static-quantised (QDQ) model to %s", dst)
     return dst
 
 
@@ -206,14 +250,16 @@ def export_and_verify(
     tolerance: float = FP32_TOLERANCE,
     opset: int = 18,
     metadata: Any = None,
+    calibration_images: np.ndarray | None = None,
 ) -> dict[str, Any]:
     """Export a torch predictor to ONNX (and int8), check agreement on ``images``.
 
     For a model that fuses metadata the check feeds ``metadata`` (see
     :meth:`Predictor.encode_metadata`) or, when ``None``, :func:`metadata_grid` (every sex,
     site and age bucket). Raises ``ValueError`` when the fp32 export disagrees with PyTorch
-    by more than ``tolerance`` (max abs probability difference). The int8 model's drift is
-    reported, not bounded. Returns a report dict.
+    by more than ``tolerance`` (max abs probability difference). The int8 model is
+    calibrated on ``calibration_images`` (validation images; ``None``: the check images)
+    and its drift reported, not bounded. Returns a report dict.
     """
     if predictor.torch_model is None:
         raise ValueError("export needs a PyTorch model (a .pt checkpoint)")
@@ -235,7 +281,15 @@ def export_and_verify(
         )
     if int8:
         q_path = out_path.with_name(out_path.stem + ".int8.onnx")
-        quantize_int8(out_path, q_path)
+        calib = calibration_images if calibration_images is not None else images
+        calib_meta = (
+            None
+            if predictor.metadata_encoder is None
+            else metadata
+            if calibration_images is None
+            else metadata_grid(predictor.metadata_encoder, len(calib))
+        )
+        quantize_int8(out_path, q_path, calibration_feeds(predictor, calib, calib_meta))
         report["int8_path"] = str(q_path)
         report["int8"] = compare_predictors(
             predictor, OnnxPredictor(q_path), images, metadata
