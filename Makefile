@@ -77,8 +77,8 @@ api-docs: setup  ## write the OpenAPI schema to docs/api/openapi.json (the runni
 predict: setup  ## predict a folder: make predict INPUT=folder [OUTPUT=predictions.csv]
 	$(BIN)/skin-lesion-classifier predict $(INPUT) --model $(MODEL) --output $(or $(OUTPUT),data/07_model_output/predictions.csv)
 
-export-onnx: setup  ## export the model to ONNX (+ int8) and check it against PyTorch
-	$(BIN)/skin-lesion-classifier export-onnx --model $(MODEL)
+export-onnx: setup  ## export the model to ONNX and check it against PyTorch (ARGS=--int8 adds static int8)
+	$(BIN)/skin-lesion-classifier export-onnx --model $(MODEL) $(ARGS)
 
 bench-train: setup  ## full-data training benchmark: img/s, wall time, val/test BA and AUC (CONFIG=yaml)
 	$(BIN)/python -m skin_lesion_classifier.training.bench --config $(or $(CONFIG),conf/quick/parameters_training.yml) --data-dir $(or $(DATA_DIR),../shared/data/ham10000)
@@ -93,7 +93,7 @@ bench-ddp: setup  ## training img/s and wall time with 1 and NPROC (default 2) D
 	for n in 1 $(or $(NPROC),2); do \
 	  $(BIN)/python -m skin_lesion_classifier.training.bench --config $(or $(CONFIG),conf/quick/parameters_training.yml) \
 	    --data-dir $(or $(DATA_DIR),../shared/data/ham10000) --limit $(or $(LIMIT),300) --epochs $(or $(EPOCHS),1) \
-	    --set progress=false $$( [ $$n -gt 1 ] && echo "--set distributed={nproc_per_node: $$n}" ); \
+	    --set progress=false $$( [ $$n -gt 1 ] && echo "--set distributed={\"nproc_per_node\":$$n}" ); \
 	done
 
 bench-inference: setup  ## CPU latency/throughput of PyTorch and ONNX Runtime, service requests/s (loopback)
