@@ -282,11 +282,9 @@ def export_and_verify(
     if int8:
         q_path = out_path.with_name(out_path.stem + ".int8.onnx")
         calib = calibration_images if calibration_images is not None else images
-        calib_meta = (
+        calib_meta = (  # encoded metadata covering every sex, site and age bucket
             None
             if predictor.metadata_encoder is None
-            else metadata
-            if calibration_images is None
             else metadata_grid(predictor.metadata_encoder, len(calib))
         )
         quantize_int8(out_path, q_path, calibration_feeds(predictor, calib, calib_meta))
