@@ -9,6 +9,8 @@ starts from these files through :func:`resolved_parameters` and overrides what i
 
 from __future__ import annotations
 
+import functools
+import json
 import os
 import re
 from collections.abc import Mapping
@@ -48,9 +50,10 @@ def soft_merge(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str
     return out
 
 
-def _read_env(folder: Path, section: str, globals_: dict) -> dict[str, Any] | None:
-    """``section`` of one environment folder: its ``parameters*.yml`` merged, then
-    resolved (interpolations between its files, ``${globals:...}`` from ``globals_``)."""
+@functools.lru_cache(maxsize=16)
+def _merged_env(folder: Path, globals_json: str):
+    """One environment folder's ``parameters*.yml`` merged (parsed once per process for a folder and
+    globals), with ``${globals:...}`` pointing at ``globals_json``."""
     from omegaconf import OmegaConf
 
     files = sorted(folder.glob("parameters*.yml"))
@@ -62,9 +65,18 @@ def _read_env(folder: Path, section: str, globals_: dict) -> dict[str, Any] | No
             for f in files
         )
     )
-    if section not in merged:
+    merged["_globals"] = json.loads(globals_json)
+    return merged
+
+
+def _read_env(folder: Path, section: str, globals_: dict) -> dict[str, Any] | None:
+    """``section`` of one environment folder: its ``parameters*.yml`` merged, then
+    resolved (interpolations between its files, ``${globals:...}`` from ``globals_``)."""
+    from omegaconf import OmegaConf
+
+    merged = _merged_env(folder, json.dumps(globals_, sort_keys=True))
+    if merged is None or section not in merged:
         return None
-    merged["_globals"] = globals_
     return OmegaConf.to_container(merged[section], resolve=True)
 
 
