@@ -127,6 +127,7 @@ def main() -> None:
     ap.add_argument("--field-dropout", type=float, nargs="+", default=[0.0, 0.3, 0.5])
     ap.add_argument("--json", default=None)
     ap.add_argument("--engine", action="store_true", help="also train the quick default")
+    ap.add_argument("--skip-image", action="store_true", help="no image-only reference head")
     args = ap.parse_args()
     torch.set_num_threads(2)
     split = pd.read_parquet(ROOT / "data/03_primary/split_assignment.parquet")
@@ -251,7 +252,8 @@ def main() -> None:
     f0 = members[name0]
     if args.engine:
         report("quick default (engine)", run_engine(f0, rows, minutes))
-    report("image", run("image", f0, False))
+    if not args.skip_image:
+        report("image", run("image", f0, False))
     if "hflip" in f0["val"]:
         report("image+tta", run("image+tta", f0, False, tta=True))
     for fd in args.field_dropout:
@@ -290,7 +292,7 @@ def main() -> None:
             base_s = s.split("_")[0]
             sc = scores(y[base_s], p[s])
             entry[s] = sc
-            if tag != "image":
+            if tag != "image" and "image" in probs:
                 entry[s + "_gain_vs_image"] = paired(
                     y[base_s], g[base_s], p[s], probs["image"][base_s]
                 )
@@ -313,7 +315,7 @@ def main() -> None:
                     )
                 ),
                 "mel_threshold": rule.melanoma_threshold,
-                "gain_vs_image_argmax": paired(
+                "gain_vs_image_argmax": None if "image" not in probs else paired(
                     y["test"],
                     g["test"],
                     p[s],
@@ -343,6 +345,8 @@ def main() -> None:
         )
     if args.json:
         Path(args.json).write_text(json.dumps(json_out, indent=1, default=float))
+        flat = {f"{tag}|{s}": v for tag, p in probs.items() for s, v in p.items()}
+        np.savez_compressed(Path(args.json).with_suffix(".npz"), **flat)
 
 
 if __name__ == "__main__":
