@@ -33,7 +33,11 @@ def _kedro(
     cwd: Path, *args: str, env: dict | None = None
 ) -> subprocess.CompletedProcess:
     kedro = Path(sys.executable).with_name("kedro")
-    full_env = {**os.environ, "KEDRO_DISABLE_TELEMETRY": "true", **(env or {})}
+    # mlflow.set_tracking_uri() in an earlier test also sets MLFLOW_TRACKING_URI in this
+    # process's environment; conf/base/mlflow.yml reads that variable, so a run would log
+    # to the earlier test's store instead of the scratch project's mlflow.db
+    full_env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    full_env.update({"KEDRO_DISABLE_TELEMETRY": "true", **(env or {})})
     return subprocess.run(
         [str(kedro), *args],
         cwd=cwd,

@@ -59,7 +59,10 @@ def _raw_data(proj: Path, metadata_df: pd.DataFrame, ham10000_dir: Path) -> None
 
 def _start(proj: Path, *args: str) -> subprocess.Popen:
     kedro = Path(sys.executable).with_name("kedro")
-    env = {**os.environ, "KEDRO_DISABLE_TELEMETRY": "true", "OMP_NUM_THREADS": "1"}
+    # not an earlier test's MLFLOW_TRACKING_URI (set by mlflow.set_tracking_uri): each run
+    # logs to the scratch project's own store
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    env.update({"KEDRO_DISABLE_TELEMETRY": "true", "OMP_NUM_THREADS": "1"})
     return subprocess.Popen(
         [str(kedro), "run", *args], cwd=proj, env=env, text=True,
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
