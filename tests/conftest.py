@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 import functools
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -53,6 +54,39 @@ def fusion_params(**overrides) -> dict:
     from skin_lesion_classifier.config_defaults import soft_merge
 
     return soft_merge(project_params()["ensemble"]["fusion"], overrides)
+
+
+def kedro_env(**extra: str) -> dict[str, str]:
+    """The environment for a ``kedro`` (or ``mlflow``) subprocess: telemetry off and no
+    inherited ``MLFLOW_TRACKING_URI``, then ``extra`` on top.
+
+    ``mlflow.set_tracking_uri()`` in an earlier test also sets ``MLFLOW_TRACKING_URI`` in this
+    process's environment; ``conf/base/mlflow.yml`` reads that variable, so a run would log to
+    the earlier test's store instead of its own. A test that wants a tracking URI passes it in
+    ``extra``."""
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    env["KEDRO_DISABLE_TELEMETRY"] = "true"
+    env.update(extra)
+    return env
+
+
+def scratch_project(root: Path, *folders: str) -> Path:
+    """A copy of the project's configuration (not its data, not ``conf/local``) in
+    ``root/project``, plus the named ``folders`` (e.g. ``notebooks``), so that a ``kedro``
+    subprocess run there writes only under ``root``. The package itself is the one installed
+    in the environment."""
+    dst = root / "project"
+    dst.mkdir()
+    for name in ("pyproject.toml", ".telemetry"):
+        shutil.copy(PROJECT_ROOT / name, dst / name)
+    shutil.copytree(
+        PROJECT_ROOT / "conf", dst / "conf", ignore=shutil.ignore_patterns("local")
+    )
+    (dst / "conf" / "local").mkdir()
+    for name in folders:
+        shutil.copytree(PROJECT_ROOT / name, dst / name)
+    (dst / "src").mkdir()
+    return dst
 
 
 def _require(path: Path) -> Path:

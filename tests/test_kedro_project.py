@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -12,36 +11,17 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from tests.conftest import project_params
-
-
-def _scratch_project(tmp_path: Path, project_root: Path) -> Path:
-    """Copy the project's configuration (not its data) so a run writes only under tmp_path."""
-    dst = tmp_path / "project"
-    dst.mkdir()
-    for name in ("pyproject.toml", ".telemetry"):
-        shutil.copy(project_root / name, dst / name)
-    shutil.copytree(
-        project_root / "conf", dst / "conf", ignore=shutil.ignore_patterns("local")
-    )
-    (dst / "conf" / "local").mkdir()
-    (dst / "src").mkdir()  # the package itself is installed in the environment
-    return dst
+from tests.conftest import kedro_env, project_params, scratch_project
 
 
 def _kedro(
     cwd: Path, *args: str, env: dict | None = None
 ) -> subprocess.CompletedProcess:
     kedro = Path(sys.executable).with_name("kedro")
-    # mlflow.set_tracking_uri() in an earlier test also sets MLFLOW_TRACKING_URI in this
-    # process's environment; conf/base/mlflow.yml reads that variable, so a run would log
-    # to the earlier test's store instead of the scratch project's mlflow.db
-    full_env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
-    full_env.update({"KEDRO_DISABLE_TELEMETRY": "true", **(env or {})})
     return subprocess.run(
         [str(kedro), *args],
         cwd=cwd,
-        env=full_env,
+        env=kedro_env(**(env or {})),
         capture_output=True,
         text=True,
         timeout=600,
@@ -51,7 +31,7 @@ def _kedro(
 
 @pytest.mark.slow
 def test_pipelines_are_registered(tmp_path, project_root):
-    proj = _scratch_project(tmp_path, project_root)
+    proj = scratch_project(tmp_path)
     out = _kedro(proj, "registry", "list")
     assert out.returncode == 0, out.stderr[-3000:]
     for name in ("ingestion", "splitting", "__default__"):
@@ -81,7 +61,7 @@ def test_ingestion_and_splitting_run_on_full_size_samples(
 ):
     """`kedro run --pipelines ingestion,splitting` on the 21 600x450 originals laid out as the two
     release folders, logging to a fresh MLflow store."""
-    proj = _scratch_project(tmp_path, project_root)
+    proj = scratch_project(tmp_path)
     raw = _raw_samples(proj, samples_dir)
     (raw / "HAM10000_images_part_1" / "ISIC_9000001.jpg").write_bytes(
         b"\xff\xd8\xff broken"
@@ -124,7 +104,7 @@ def test_quick_training_run_logs_the_resolved_config_without_warnings(
     """`kedro run --env quick` through training on the 21 samples (3 epochs): MLflow holds
     the whole resolved training config (base values the quick env does not name, such as
     grad_clip and augment, included), and the run prints no warning."""
-    proj = _scratch_project(tmp_path, project_root)
+    proj = scratch_project(tmp_path)
     _raw_samples(proj, samples_dir)
     out = _kedro(
         proj,

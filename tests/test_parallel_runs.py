@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -22,7 +21,7 @@ from skin_lesion_classifier.inference.versions import (
     weights_digest,
 )
 from skin_lesion_classifier.models.checkpoint import read_checkpoint
-from tests.test_kedro_project import _scratch_project
+from tests.conftest import kedro_env, scratch_project
 
 PER_CLASS = 10
 SIZE = [32, 32]
@@ -59,10 +58,8 @@ def _raw_data(proj: Path, metadata_df: pd.DataFrame, ham10000_dir: Path) -> None
 
 def _start(proj: Path, *args: str) -> subprocess.Popen:
     kedro = Path(sys.executable).with_name("kedro")
-    # not an earlier test's MLFLOW_TRACKING_URI (set by mlflow.set_tracking_uri): each run
-    # logs to the scratch project's own store
-    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
-    env.update({"KEDRO_DISABLE_TELEMETRY": "true", "OMP_NUM_THREADS": "1"})
+    # each run logs to the scratch project's own store
+    env = kedro_env(OMP_NUM_THREADS="1")
     return subprocess.Popen(
         [str(kedro), "run", *args], cwd=proj, env=env, text=True,
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -85,7 +82,7 @@ def test_two_runs_at_once_keep_their_own_results(
 ):
     import mlflow
 
-    proj = _scratch_project(tmp_path, project_root)
+    proj = scratch_project(tmp_path)
     _raw_data(proj, metadata_df, ham10000_dir)
     _tiny_conf(proj)
     _finish(_start(proj, "--pipelines", "ingestion,splitting,model_input"))

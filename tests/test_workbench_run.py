@@ -10,7 +10,6 @@ with its own backend store and ``--artifacts-destination``.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import socket
 import subprocess
@@ -23,6 +22,7 @@ import pandas as pd
 import pytest
 
 from skin_lesion_classifier.constants import CLASSES
+from tests.conftest import kedro_env, scratch_project
 
 pytestmark = pytest.mark.slow
 
@@ -54,13 +54,6 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _env(**extra: str) -> dict[str, str]:
-    env = {**os.environ, "KEDRO_DISABLE_TELEMETRY": "true", **extra}
-    env.pop("MLFLOW_TRACKING_URI", None)
-    env.update(extra)
-    return env
-
-
 def _start_server(root: Path) -> tuple[subprocess.Popen, str]:
     port = _free_port()
     uri = f"http://127.0.0.1:{port}"
@@ -82,7 +75,7 @@ def _start_server(root: Path) -> tuple[subprocess.Popen, str]:
         ],
         stdout=log,
         stderr=subprocess.STDOUT,
-        env=_env(),
+        env=kedro_env(),
     )
     deadline = time.monotonic() + 600  # a loaded 2-core machine takes minutes
     while time.monotonic() < deadline:
@@ -102,20 +95,9 @@ def _start_server(root: Path) -> tuple[subprocess.Popen, str]:
     )
 
 
-def _scratch_project(
-    root: Path, project_root: Path, metadata: pd.DataFrame, images: Path
-):
+def _project_with_data(root: Path, metadata: pd.DataFrame, images: Path):
     """The project's configuration and notebooks plus 20 lesions per class of real data."""
-    proj = root / "project"
-    proj.mkdir()
-    for name in ("pyproject.toml", ".telemetry"):
-        shutil.copy(project_root / name, proj / name)
-    shutil.copytree(
-        project_root / "conf", proj / "conf", ignore=shutil.ignore_patterns("local")
-    )
-    (proj / "conf" / "local").mkdir()
-    shutil.copytree(project_root / "notebooks", proj / "notebooks")
-    (proj / "src").mkdir()  # the package itself is installed in the environment
+    proj = scratch_project(root, "notebooks")
     first = metadata.drop_duplicates("lesion_id")
     lesions = first.groupby("dx").head(20)["lesion_id"]
     rows = metadata[metadata.lesion_id.isin(lesions)]
@@ -128,18 +110,16 @@ def _scratch_project(
 
 
 @pytest.fixture(scope="module")
-def served_run(tmp_path_factory, project_root, metadata_df, ham10000_dir):
+def served_run(tmp_path_factory, metadata_df, ham10000_dir):
     """(project folder, tracking URI) after one small ``kedro run`` against the server."""
     root = tmp_path_factory.mktemp("workbench")
     proc, uri = _start_server(root)
     try:
-        proj = _scratch_project(
-            root, project_root, metadata_df, ham10000_dir / "images"
-        )
+        proj = _project_with_data(root, metadata_df, ham10000_dir / "images")
         out = subprocess.run(
             [str(BIN / "kedro"), "run", "--params", PARAMS],
             cwd=proj,
-            env=_env(MLFLOW_TRACKING_URI=uri),
+            env=kedro_env(MLFLOW_TRACKING_URI=uri),
             capture_output=True,
             text=True,
             timeout=900,
@@ -220,7 +200,7 @@ def test_the_logged_model_loads_where_the_project_is_not_installed(
         f"models:/{MODEL_NAME}@champion", dst_path=str(tmp_path / "model")
     )
     picture = sorted((samples_dir / "images").glob("*.jpg"))[0]
-    env = _env()
+    env = kedro_env()
     env.pop("PYTHONPATH", None)
     out = subprocess.run(
         [sys.executable, "-c", _WITHOUT_PROJECT, local, str(picture)],
@@ -269,7 +249,7 @@ def test_kedro_viz_build_writes_a_static_site_with_previews(served_run) -> None:
     out = subprocess.run(
         [str(BIN / "kedro"), "viz", "build", "--include-previews"],
         cwd=proj,
-        env=_env(MLFLOW_TRACKING_URI=uri),
+        env=kedro_env(MLFLOW_TRACKING_URI=uri),
         capture_output=True,
         text=True,
         timeout=600,
