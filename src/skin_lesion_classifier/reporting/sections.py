@@ -26,6 +26,27 @@ FIGURE_CAPTIONS: dict[str, str] = {
 }
 
 
+_SENS_SPEC = (
+    ("sensitivity", "melanoma sensitivity"),
+    ("specificity", "melanoma specificity"),
+)
+#: Melanoma operating points of the headline: (``mel`` key, rule shown, (measure, label)).
+_MELANOMA_POINTS = (
+    ("argmax", "argmax", _SENS_SPEC),
+    (
+        "threshold",
+        "val threshold",
+        (*_SENS_SPEC, ("nne", "lesions excised per melanoma (NNE)")),
+    ),
+)
+
+
+def _boot_ci(boot: Mapping[str, Any], key: str, estimate: Any, digits: int = 3) -> str:
+    """A table cell: the bootstrap interval ``boot[key]`` when there is one, else the
+    bare ``estimate``."""
+    return fmt_ci(boot.get(key) or {"estimate": estimate}, digits)
+
+
 def headline_rows(
     metrics: Mapping[str, Any], split: str = "test"
 ) -> list[dict[str, Any]]:
@@ -77,39 +98,13 @@ def headline_rows(
             "macro AUC", "probabilities", ba.get("macro_auc"), s["argmax"]["macro_auc"]
         ),
         row("melanoma AUC", "probabilities", ba.get("mel_auc"), mel["auc"]),
-        row(
-            "melanoma sensitivity",
-            "argmax",
-            ba.get("mel_sensitivity_argmax"),
-            mel["argmax"]["sensitivity"],
-        ),
-        row(
-            "melanoma specificity",
-            "argmax",
-            ba.get("mel_specificity_argmax"),
-            mel["argmax"]["specificity"],
-        ),
     ]
-    if "threshold" in mel:
+    for src, rule, measures in _MELANOMA_POINTS:
+        if src == "threshold" and src not in mel:
+            continue  # no melanoma threshold was fitted on validation
         rows += [
-            row(
-                "melanoma sensitivity",
-                "val threshold",
-                ba.get("mel_sensitivity_threshold"),
-                mel["threshold"]["sensitivity"],
-            ),
-            row(
-                "melanoma specificity",
-                "val threshold",
-                ba.get("mel_specificity_threshold"),
-                mel["threshold"]["specificity"],
-            ),
-            row(
-                "lesions excised per melanoma (NNE)",
-                "val threshold",
-                ba.get("mel_nne_threshold"),
-                mel["threshold"]["nne"],
-            ),
+            row(label, rule, ba.get(f"mel_{m}_{src}"), mel[src][m])
+            for m, label in measures
         ]
     for key, entry in mel["specificity_at_sensitivity"].items():
         t = float(key)
@@ -255,14 +250,9 @@ def split_section(s: Mapping[str, Any], split: str, chosen: str) -> list[str]:
                 rname,
                 m["n"],
                 fmt(m["accuracy"]),
-                fmt_ci(
-                    b.get("balanced_accuracy") or {"estimate": m["balanced_accuracy"]}
-                ),
+                _boot_ci(b, "balanced_accuracy", m["balanced_accuracy"]),
                 fmt(m["average_specificity"]),
-                fmt_ci(
-                    boot.get("argmax", {}).get("macro_auc")
-                    or {"estimate": m["macro_auc"]}
-                ),
+                _boot_ci(boot.get("argmax", {}), "macro_auc", m["macro_auc"]),
                 fmt(m["log_loss"]),
             ]
         )
@@ -350,10 +340,10 @@ def melanoma_section(test: Mapping[str, Any], chosen: str) -> list[str]:
         op_rows.append(
             [
                 label,
-                fmt_ci(b.get("sensitivity") or {"estimate": e["sensitivity"]}),
-                fmt_ci(b.get("specificity") or {"estimate": e["specificity"]}),
+                _boot_ci(b, "sensitivity", e["sensitivity"]),
+                _boot_ci(b, "specificity", e["specificity"]),
                 fmt(e["ppv"]),
-                fmt_ci(b.get("nne") or {"estimate": e["nne"]}, 2),
+                _boot_ci(b, "nne", e["nne"], 2),
                 f"{e['tp']} / {e['fp']} / {e['fn']} / {e['tn']}",
             ]
         )
@@ -371,9 +361,7 @@ def melanoma_section(test: Mapping[str, Any], chosen: str) -> list[str]:
         )
     )
     lines.append("")
-    lines.append(
-        f"Melanoma AUC: {fmt_ci(ba.get('mel_auc') or {'estimate': mel['auc']})}."
-    )
+    lines.append(f"Melanoma AUC: {_boot_ci(ba, 'mel_auc', mel['auc'])}.")
     lines.append("")
     return lines + _specificity_at_sensitivity(mel, ba)
 
@@ -385,10 +373,7 @@ def _specificity_at_sensitivity(
         [
             f"{float(k):.0%}",
             fmt(v["sensitivity"]),
-            fmt_ci(
-                ba.get(f"mel_specificity_at_sensitivity_{k}")
-                or {"estimate": v["specificity"]}
-            ),
+            _boot_ci(ba, f"mel_specificity_at_sensitivity_{k}", v["specificity"]),
             fmt(v["threshold"], 4),
         ]
         for k, v in mel["specificity_at_sensitivity"].items()
