@@ -49,6 +49,29 @@ def train_params(**overrides) -> dict:
     return soft_merge(project_params()["training"]["train"], overrides)
 
 
+def tiny_train_params(**overrides) -> dict:
+    """``training.train`` for a tiny random-init ``test_efficientnet`` trained 2 epochs on a
+    few dozen cached images: no warm-up, EMA, augmentation or progress bar, seed 0;
+    ``overrides`` on top (soft merge)."""
+    cfg = {
+        "arch": "test_efficientnet",
+        "pretrained": False,
+        "allow_random_init": True,
+        "input_size": [64, 64],
+        "epochs": 2,
+        "batch_size": 8,
+        "eval_batch_size": 32,
+        "lr": 3e-3,
+        "warmup_epochs": 0,
+        "ema": False,
+        "progress": False,
+        "data_path": "device",
+        "augment": {"enabled": False},
+        "seed": 0,
+    }
+    return train_params(**{**cfg, **overrides})
+
+
 def fusion_params(**overrides) -> dict:
     """``ensemble.fusion`` of ``conf/base`` with ``overrides`` on top (soft merge)."""
     from skin_lesion_classifier.config_defaults import soft_merge

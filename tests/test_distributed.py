@@ -31,7 +31,7 @@ from skin_lesion_classifier.training.engine import train_model
 from skin_lesion_classifier.training.feeders import global_batches
 from skin_lesion_classifier.training.launch import WorkerFailed, launch_training
 from skin_lesion_classifier.training.sampler import epoch_indices
-from tests.conftest import train_params
+from tests.conftest import tiny_train_params
 
 SIZE = (64, 64)
 
@@ -44,26 +44,13 @@ def cache(small_split) -> ImageCache:
 def tiny(**overrides) -> dict:
     cfg = {
         "arch": "test_efficientnet_gn",  # GroupNorm: no per-rank batch statistics
-        "pretrained": False,
-        "allow_random_init": True,
-        "model_kwargs": {"drop_rate": 0.0, "drop_path_rate": 0.0},
         "input_size": list(SIZE),
-        "epochs": 2,
-        "batch_size": 8,
-        "eval_batch_size": 32,
-        "lr": 3e-3,
-        "warmup_epochs": 0,
-        "ema": False,
-        "progress": False,
+        "model_kwargs": {"drop_rate": 0.0, "drop_path_rate": 0.0},
         "channels_last": False,
-        "data_path": "device",
-        "augment": {"enabled": False},
         "sampler_power": 0.5,
-        "seed": 0,
         "num_workers": 0,
     }
-    cfg.update(overrides)
-    return train_params(**cfg)
+    return tiny_train_params(**{**cfg, **overrides})
 
 
 def _splits(cache, small_split):

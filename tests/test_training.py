@@ -19,7 +19,7 @@ from skin_lesion_classifier.models.checkpoint import load_model
 from skin_lesion_classifier.training.engine import _UInt8Dataset, train_model
 from skin_lesion_classifier.training.losses import FocalLoss, build_loss, class_weights
 from skin_lesion_classifier.training.sampler import epoch_indices
-from tests.conftest import train_params
+from tests.conftest import tiny_train_params, train_params
 
 SIZE = (64, 64)
 
@@ -48,25 +48,9 @@ def parts(small_split):
 
 
 def tiny_config(**overrides) -> dict:
-    cfg = {
-        "arch": "test_efficientnet",
-        "pretrained": False,
-        "allow_random_init": True,
-        "input_size": list(SIZE),
-        "epochs": 2,
-        "batch_size": 8,
-        "eval_batch_size": 32,
-        "lr": 3e-3,
-        "warmup_epochs": 0,
-        "ema": False,
-        "progress": False,
-        "data_path": "device",
-        "augment": {"enabled": False},
-        "sampler_power": 0.0,
-        "seed": 0,
-    }
-    cfg.update(overrides)
-    return train_params(**cfg)
+    return tiny_train_params(
+        **{"input_size": list(SIZE), "sampler_power": 0.0, **overrides}
+    )
 
 
 def _train(cache, parts, checkpoint_dir=None, **overrides):
