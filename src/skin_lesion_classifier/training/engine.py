@@ -59,6 +59,7 @@ from skin_lesion_classifier.training.feeders import (
 )
 from skin_lesion_classifier.training.loop import (
     FitSpec,
+    FitState,
     Stepper,
     fit,
     monitor_rule,
@@ -363,7 +364,6 @@ def train_model(
     amp_dtype = resolve_amp(cfg.amp, device)
     counts = np.bincount(y_train, minlength=len(classes))
     model, meta_base = build_model(cfg, classes, counts, device)
-    mean, std = meta_base["mean"], meta_base["std"]
     frozen = cfg.train_mode == "frozen_features"
     ckpt_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
 
@@ -392,18 +392,9 @@ def train_model(
 
     # ---- resume, then wrap (DDP starts every rank from rank 0's weights)
     key = fingerprint(cfg, y_train, y_val, train_images, val_images)
-    last_path = ckpt_dir / "last.pt" if cfg.resume and ckpt_dir else None
-    state = load_last(last_path, key, stepper, ctx)
-    stepper.steps_done = (state.start_epoch - 1) * steps_per_epoch
-    if state.start_epoch == 1 and ctx.enabled:  # augmentation/dropout differ per rank
-        torch.manual_seed(cfg.seed + 1000 * ctx.rank)
-        np.random.seed(cfg.seed + 1000 * ctx.rank)
-    stepper.ddp = wrap_ddp(trainable, cfg, device, ctx)
-    core = stepper.ddp if stepper.ddp is not None else trainable
-    if cfg.compile and device.type == "cuda" and not frozen:
-        core = torch.compile(core)
-    stepper.forward = core
-
+    state = _resume_and_wrap(
+        stepper, trainable, cfg, key, ckpt_dir, steps_per_epoch, device, ctx
+    )
     best = _BestKeeper(
         model, trainable, stepper, frozen, meta_base, ckpt_dir, ctx, state
     )
@@ -420,37 +411,20 @@ def train_model(
             frozen,
             val_feats,
             val_images,
-            mean,
-            std,
+            meta_base,
             device,
             amp_dtype,
-            cfg.eval_batch_size,
-            len(classes),
+            cfg,
             ctx,
         )
         return validation_scores(y_val, proba)
 
-    gen = torch.Generator()
-
-    def feed(epoch: int):
-        gen.manual_seed(cfg.seed * 1000 + epoch)
-        return feeder(epoch_indices(y_train, cfg.sampler_power, samples_per_epoch, gen))
-
-    spec = FitSpec(
-        epochs=cfg.epochs,
-        patience=cfg.patience,
-        is_better=monitor_rule(cfg.monitor, MONITORS[cfg.monitor], cfg.min_delta),
-        scheduler_metric=cfg.monitor,
-        max_train_minutes=cfg.max_train_minutes,
-        progress_total=samples_per_epoch // ctx.world_size if cfg.progress else None,
-        name=cfg.arch,
-    )
     stopped_early = fit(
         stepper,
-        feed,
+        _epoch_feed(feeder, y_train, cfg, samples_per_epoch),
         set_train_mode,
         evaluate,
-        spec,
+        _fit_spec(cfg, samples_per_epoch, ctx),
         state,
         ctx,
         on_improved=best.keep,
@@ -466,6 +440,61 @@ def train_model(
         on_epoch_end=on_epoch_end,
     )
     return _finalise(cfg, classes, best.checkpoint(), state, stopped_early)
+
+
+def _resume_and_wrap(
+    stepper: Stepper,
+    trainable: torch.nn.Module,
+    cfg: TrainConfig,
+    key: str,
+    ckpt_dir: Path | None,
+    steps_per_epoch: int,
+    device: torch.device,
+    ctx: DistContext,
+) -> FitState:
+    """Load ``last.pt`` (``resume: true``), seed the ranks apart on a fresh start, then
+    wrap the trainable module (DDP, ``torch.compile``) as the stepper's forward. Returns
+    the loop's starting state."""
+    last_path = ckpt_dir / "last.pt" if cfg.resume and ckpt_dir else None
+    state = load_last(last_path, key, stepper, ctx)
+    stepper.steps_done = (state.start_epoch - 1) * steps_per_epoch
+    if state.start_epoch == 1 and ctx.enabled:  # augmentation/dropout differ per rank
+        torch.manual_seed(cfg.seed + 1000 * ctx.rank)
+        np.random.seed(cfg.seed + 1000 * ctx.rank)
+    stepper.ddp = wrap_ddp(trainable, cfg, device, ctx)
+    core = stepper.ddp if stepper.ddp is not None else trainable
+    frozen = cfg.train_mode == "frozen_features"
+    if cfg.compile and device.type == "cuda" and not frozen:
+        core = torch.compile(core)
+    stepper.forward = core
+    return state
+
+
+def _epoch_feed(
+    feeder, y_train: np.ndarray, cfg: TrainConfig, samples_per_epoch: int
+) -> Callable[[int], Any]:
+    """``epoch -> batches``: the epoch's class-balanced draw (seeded per epoch) fed to
+    ``feeder``."""
+    gen = torch.Generator()
+
+    def feed(epoch: int):
+        gen.manual_seed(cfg.seed * 1000 + epoch)
+        return feeder(epoch_indices(y_train, cfg.sampler_power, samples_per_epoch, gen))
+
+    return feed
+
+
+def _fit_spec(cfg: TrainConfig, samples_per_epoch: int, ctx: DistContext) -> FitSpec:
+    """The epoch loop's settings: epochs, early stopping on ``cfg.monitor``, time cap."""
+    return FitSpec(
+        epochs=cfg.epochs,
+        patience=cfg.patience,
+        is_better=monitor_rule(cfg.monitor, MONITORS[cfg.monitor], cfg.min_delta),
+        scheduler_metric=cfg.monitor,
+        max_train_minutes=cfg.max_train_minutes,
+        progress_total=samples_per_epoch // ctx.world_size if cfg.progress else None,
+        name=cfg.arch,
+    )
 
 
 def _trainable_and_feeder(
@@ -593,19 +622,11 @@ class _BestKeeper:
 
 
 def _validation_proba(
-    module,
-    frozen,
-    val_feats,
-    val_images,
-    mean,
-    std,
-    device,
-    amp_dtype,
-    batch_size,
-    n_classes,
-    ctx,
+    module, frozen, val_feats, val_images, meta_base, device, amp_dtype, cfg, ctx
 ) -> np.ndarray:
     """Validation probabilities: this rank's contiguous share, gathered in order."""
+    batch_size, n_classes = cfg.eval_batch_size, len(meta_base["classes"])
+    mean, std = meta_base["mean"], meta_base["std"]
     start, stop = shard_bounds(len(val_images), ctx)
     if stop == start:
         part = np.zeros((0, n_classes), dtype=np.float32)

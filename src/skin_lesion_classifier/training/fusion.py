@@ -159,18 +159,7 @@ def train_fusion_head(
     ):
         raise ValueError("images and rows differ in length")
     encoder = MetadataEncoder.fit(train_rows, min_site_count=cfg.min_site_count)
-    fused, meta = fusion_from_image_model(
-        base_model,
-        base_meta,
-        encoder.dim,
-        {
-            "hidden": list(cfg.hidden),
-            "dropout": cfg.dropout,
-            "metadata_dropout": cfg.metadata_dropout,
-        },
-    )
-    meta["metadata_encoder"] = encoder.to_dict()
-    fused.to(device)
+    fused, meta = _fused_model(base_model, base_meta, encoder, cfg, device)
     if features is None:
         features = fusion_features(
             base_model, base_meta, train_images, val_images, cfg, device
@@ -182,19 +171,6 @@ def train_fusion_head(
     m_val = torch.as_tensor(encoder.transform(val_rows), device=device)
 
     trainable = _select_trainable(fused, use_metadata, cfg.train_image_head)
-    params = [p for p in trainable.parameters()]
-    optimizer = torch.optim.AdamW(
-        [
-            {
-                "params": [p for p in params if p.ndim > 1],
-                "weight_decay": cfg.weight_decay,
-            },
-            {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0},
-        ],
-        lr=cfg.lr,
-    )
-    steps = max(1, math.ceil(len(y_train) / cfg.batch_size)) * cfg.epochs
-    counts = np.bincount(y_train, minlength=len(meta["classes"]))
 
     def logits(inputs) -> torch.Tensor:
         feats, m = inputs
@@ -202,49 +178,20 @@ def train_fusion_head(
             return fused.forward_from_features(feats, m)
         return fused.image_head_module()(feats)
 
-    stepper = Stepper(
-        forward=logits,
-        trainable=trainable,
-        optimizer=optimizer,
-        scheduler=torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps),
-        per_epoch_scheduler=False,
-        criterion=build_loss("ce", counts, cfg.class_weight_power, cfg.label_smoothing),
-        scaler=torch.amp.GradScaler("cuda", enabled=False),
-        ema=None,
-        device=device,
-        amp_dtype=None,
-        grad_accum_steps=1,
-        grad_clip=None,
-    )
-    gen = torch.Generator()
-    feeder = FeatureFeeder(
-        train_feats,
-        y_train,
-        cfg.batch_size,
-        device,
-        SINGLE,
-        extra=m_train,
-        extra_transform=lambda m: encoder.mask_fields(m, cfg.field_dropout, gen),
-        generator=gen,
-        min_batch=2,  # BatchNorm needs two samples
-    )
-
-    def feed(epoch: int):
-        gen.manual_seed(cfg.seed * 1000 + epoch)
-        return feeder(epoch_indices(y_train, cfg.sampler_power, len(y_train), gen))
+    counts = np.bincount(y_train, minlength=len(meta["classes"]))
+    stepper = _head_stepper(logits, trainable, counts, cfg, device)
+    feed = _head_feed(train_feats, y_train, m_train, encoder, cfg, device)
 
     def set_train_mode() -> None:
         fused.eval()  # the frozen backbone's BatchNorm stays in eval mode
         trainable.train()
 
-    last = {}
+    last, best = {}, {}
 
     def evaluate() -> dict[str, float]:
         m = m_val if use_metadata else torch.zeros_like(m_val)
         last["proba"] = _predict(logits, fused, val_feats, m, cfg.eval_batch_size)
         return validation_scores(y_val, last["proba"])
-
-    best = {}
 
     def keep(row: dict[str, float]) -> None:
         best.update(state=copy.deepcopy(fused.state_dict()), proba=last["proba"])
@@ -270,17 +217,98 @@ def train_fusion_head(
         on_epoch_saved=lambda row, st: None,
         on_epoch_end=None,
     )
-    history, best_epoch = state.history, state.best_epoch
-    best_key = (state.best_row["val_balanced_accuracy"],)
-    best = (best["state"], best["proba"])
-    fused.load_state_dict(best[0])
+    fused.load_state_dict(best["state"])
+    return _head_result(fused, meta, base_meta, cfg, state, best["proba"], use_metadata)
+
+
+def _fused_model(base_model, base_meta, encoder, cfg: FusionHeadConfig, device):
+    """The fused model on ``device`` (the image model plus metadata heads) and its
+    checkpoint meta, which carries the fitted metadata encoder."""
+    fused, meta = fusion_from_image_model(
+        base_model,
+        base_meta,
+        encoder.dim,
+        {
+            "hidden": list(cfg.hidden),
+            "dropout": cfg.dropout,
+            "metadata_dropout": cfg.metadata_dropout,
+        },
+    )
+    meta["metadata_encoder"] = encoder.to_dict()
+    return fused.to(device), meta
+
+
+def _head_stepper(
+    logits, trainable: nn.Module, counts: np.ndarray, cfg: FusionHeadConfig, device
+) -> Stepper:
+    """AdamW (no weight decay on biases and norms) with a cosine schedule over all the
+    steps, and class-weighted, label-smoothed cross-entropy; no AMP, EMA or clipping."""
+    params = [p for p in trainable.parameters()]
+    optimizer = torch.optim.AdamW(
+        [
+            {
+                "params": [p for p in params if p.ndim > 1],
+                "weight_decay": cfg.weight_decay,
+            },
+            {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0},
+        ],
+        lr=cfg.lr,
+    )
+    n_train = int(counts.sum())
+    steps = max(1, math.ceil(n_train / cfg.batch_size)) * cfg.epochs
+    return Stepper(
+        forward=logits,
+        trainable=trainable,
+        optimizer=optimizer,
+        scheduler=torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps),
+        per_epoch_scheduler=False,
+        criterion=build_loss("ce", counts, cfg.class_weight_power, cfg.label_smoothing),
+        scaler=torch.amp.GradScaler("cuda", enabled=False),
+        ema=None,
+        device=device,
+        amp_dtype=None,
+        grad_accum_steps=1,
+        grad_clip=None,
+    )
+
+
+def _head_feed(train_feats, y_train, m_train, encoder, cfg: FusionHeadConfig, device):
+    """``epoch -> batches`` of ``((features, metadata), labels)``: a class-balanced draw
+    seeded per epoch, a random feature view per sample and metadata fields masked at
+    ``field_dropout``."""
+    gen = torch.Generator()
+    feeder = FeatureFeeder(
+        train_feats,
+        y_train,
+        cfg.batch_size,
+        device,
+        SINGLE,
+        extra=m_train,
+        extra_transform=lambda m: encoder.mask_fields(m, cfg.field_dropout, gen),
+        generator=gen,
+        min_batch=2,  # BatchNorm needs two samples
+    )
+
+    def feed(epoch: int):
+        gen.manual_seed(cfg.seed * 1000 + epoch)
+        return feeder(epoch_indices(y_train, cfg.sampler_power, len(y_train), gen))
+
+    return feed
+
+
+def _head_result(
+    fused, meta, base_meta, cfg, state: FitState, val_proba, use_metadata: bool
+) -> FusionResult:
+    """The trained model on the CPU in eval mode, its history and (with metadata) its
+    contract checkpoint with the fusion recipe and the best epoch's validation figures."""
+    best_epoch = state.best_epoch
     fused.eval().cpu()
-    hist = pd.DataFrame(history)
+    hist = pd.DataFrame(state.history)
     logger.info(
         "fusion head (%s): best epoch %d, val BA %.4f",
         "image + metadata" if use_metadata else "image only",
         best_epoch,
-        best_key[0],
+        state.best_row["val_balanced_accuracy"],
     )
     ckpt = None
     if use_metadata:
@@ -295,7 +323,7 @@ def train_fusion_head(
             if k.startswith("val_")
         }
         ckpt = make_checkpoint(fused, meta)
-    return FusionResult(fused, ckpt, hist, int(best_epoch), best[1])
+    return FusionResult(fused, ckpt, hist, int(best_epoch), val_proba)
 
 
 def _select_trainable(
