@@ -3,6 +3,8 @@ by the shared model loader."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -18,6 +20,7 @@ from skin_lesion_classifier.evaluation.ensemble import (
 from skin_lesion_classifier.evaluation.evaluate import predictions_frame
 from skin_lesion_classifier.evaluation.metrics import log_loss
 from skin_lesion_classifier.inference.predict import predict_proba
+from skin_lesion_classifier.inference.versions import resolve_version, saved_versions
 from skin_lesion_classifier.models.checkpoint import load_model, make_checkpoint
 from skin_lesion_classifier.models.ensemble import ENSEMBLE_ARCH
 from skin_lesion_classifier.models.ensemble_checkpoint import (
@@ -202,8 +205,10 @@ def ensemble_run(tmp_path_factory, small_split, project_root):
     the 56 real images of ``small_split``, their metadata fusions, the ensemble."""
     import mlflow
     from kedro.io import DataCatalog
+    from kedro.io.core import generate_timestamp
     from kedro.runner import SequentialRunner
 
+    from skin_lesion_classifier.hooks import ProjectHooks
     from skin_lesion_classifier.pipelines.ensemble import create_pipeline
 
     torch.set_num_threads(1)
@@ -244,7 +249,11 @@ def ensemble_run(tmp_path_factory, small_split, project_root):
     params["evaluation"].update(device="cpu")
     params["evaluation"]["bootstrap"]["n_boot"] = 100
     pipe = create_pipeline()
-    catalog = DataCatalog.from_config(_moved_catalog(project_root, out))
+    conf = _moved_catalog(project_root, out)
+    version = generate_timestamp()  # versioned outputs, as in a kedro run
+    catalog = DataCatalog.from_config(conf, save_version=version)
+    hooks = ProjectHooks()
+    hooks.after_catalog_created(catalog, conf_catalog=conf, save_version=version)
     from kedro_mlflow.io.metrics import MlflowMetricsHistoryDataset
 
     for name in list(catalog.keys()):  # what kedro-mlflow's hook does in a kedro run
@@ -257,6 +266,7 @@ def ensemble_run(tmp_path_factory, small_split, project_root):
     }
     for name, value in inputs.items():
         catalog[name] = value
+    hooks.before_pipeline_run(pipe, catalog)
     mlflow.set_tracking_uri(f"sqlite:///{out / 'mlflow.db'}")
     mlflow.set_experiment("ensemble_test")
     try:
@@ -265,7 +275,19 @@ def ensemble_run(tmp_path_factory, small_split, project_root):
         logged = mlflow.get_run(run.info.run_id).data.metrics
     finally:
         mlflow.set_tracking_uri(None)
-    return {"out": out, "split": small_split, "metrics": logged, "params": params}
+    return {"out": out, "split": small_split, "metrics": logged, "params": params,
+            "version": version}  # fmt: skip
+
+
+def _latest(out: Path, file: str) -> Path:
+    """The run's file of a versioned output (``<file>/<version>/<name>``, one version)."""
+    assert len(saved_versions(out / file)) == 1, file
+    return resolve_version(out / file)
+
+
+def _run_version(out: Path, file: str) -> str:
+    (version,) = saved_versions(out / file)
+    return version
 
 
 @pytest.mark.slow
@@ -275,7 +297,9 @@ def test_ensemble_pipeline_end_to_end(ensemble_run):
     import pandas as pd
 
     out, split = ensemble_run["out"], ensemble_run["split"]
-    weights = json.loads((out / "data/06_models/ensemble/weights.json").read_text())
+    weights = json.loads(
+        (_latest(out, "data/06_models/ensemble/weights.json")).read_text()
+    )
     combine = weights["combine"]
     assert combine["names"] == [
         "member_1",
@@ -284,16 +308,22 @@ def test_ensemble_pipeline_end_to_end(ensemble_run):
         "member_2_meta",
     ]
     assert sum(combine["weights"]) == pytest.approx(1.0)
+    # every output is saved at the run's one version (members' and the ensemble's)
+    for file in ("data/06_models/ensemble/members/member_2_meta.pt",
+                 "data/06_models/ensemble/members/member_1_decision_rule.json",
+                 "data/06_models/ensemble/ensemble.pt",
+                 "data/08_reporting/ensemble/comparison.md"):  # fmt: skip
+        assert _run_version(out, file) == ensemble_run["version"], file
     # weights were chosen on validation: the chosen mixture's val log loss is no worse
     # than uniform averaging
     assert combine["val"]["log_loss"] <= combine["val_uniform"]["log_loss"] + 1e-9
     # the saved ensemble is one checkpoint the shared loader rebuilds, and it reproduces
     # the ensemble's test predictions from the images and the patients' metadata
-    model, meta = load_model(out / "data/06_models/ensemble/ensemble.pt")
+    model, meta = load_model(_latest(out, "data/06_models/ensemble/ensemble.pt"))
     assert meta["arch"] == ENSEMBLE_ARCH and meta["uses_metadata"]
     test_rows = split[split.split == "test"].reset_index(drop=True)
     pred = pd.read_parquet(
-        out / "data/07_model_output/ensemble/ensemble/test_predictions.parquet"
+        _latest(out, "data/07_model_output/ensemble/ensemble/test_predictions.parquet")
     )
     assert pred.image_id.tolist() == test_rows.image_id.tolist()
     imgs = np.stack(
@@ -303,7 +333,7 @@ def test_ensemble_pipeline_end_to_end(ensemble_run):
     p = predict_proba(model, imgs, meta["mean"], meta["std"], extra_inputs=x_meta)
     np.testing.assert_allclose(p, pred.filter(like="prob_").to_numpy(), atol=1e-4)
     image_model, image_meta = load_model(
-        out / "data/06_models/ensemble/ensemble_image.pt"
+        _latest(out, "data/06_models/ensemble/ensemble_image.pt")
     )
     assert not image_meta["uses_metadata"]
     assert [m["name"] for m in image_meta["ensemble"]["members"]] == [
@@ -313,20 +343,22 @@ def test_ensemble_pipeline_end_to_end(ensemble_run):
     # evaluated and reported like a single model
     metrics = json.loads(
         (
-            out / "data/08_reporting/ensemble/ensemble/evaluation_metrics.json"
+            _latest(out, "data/08_reporting/ensemble/ensemble/evaluation_metrics.json")
         ).read_text()
     )
     assert metrics["splits"]["test"]["argmax"]["n"] == len(test_rows)
     assert metrics["model"]["arch"] == ENSEMBLE_ARCH
-    report = (out / "data/08_reporting/ensemble/report.md").read_text()
+    report = (_latest(out, "data/08_reporting/ensemble/report.md")).read_text()
     assert "ensemble report" in report
     assert (
-        out / "data/08_reporting/ensemble/figures/confusion_matrix.png"
+        _latest(out, "data/08_reporting/ensemble/figures/confusion_matrix.png")
     ).stat().st_size > 1000
-    rule = json.loads((out / "data/06_models/ensemble/decision_rule.json").read_text())
+    rule = json.loads(
+        (_latest(out, "data/06_models/ensemble/decision_rule.json")).read_text()
+    )
     assert rule["chosen_on"] == "val"
     # the comparison against the best single model (chosen on validation)
-    table = pd.read_csv(out / "data/08_reporting/ensemble/comparison.csv")
+    table = pd.read_csv(_latest(out, "data/08_reporting/ensemble/comparison.csv"))
     best = table.best_single.iloc[0]
     assert best in ("member_1", "member_2")
     val_ba = table[table.metric == "balanced_accuracy"].set_index("model")[
@@ -354,7 +386,7 @@ def test_ensemble_pipeline_end_to_end(ensemble_run):
         "ensemble.comparison_metrics.compare_ensemble_test_balanced_accuracy" in logged
     )
     fusion_hist = pd.read_csv(
-        out / "data/08_reporting/ensemble/member_1_meta/fusion_history.csv"
+        _latest(out, "data/08_reporting/ensemble/member_1_meta/fusion_history.csv")
     )
     assert {"val_balanced_accuracy", "control_val_balanced_accuracy"} <= set(
         fusion_hist.columns

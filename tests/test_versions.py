@@ -123,3 +123,98 @@ def test_the_logged_model_carries_this_runs_checkpoint_version(tmp_path: Path) -
     assert model._save_args["artifacts"]["checkpoint"] == str(
         tmp_path / "model.pt" / V2 / "model.pt"
     )
+
+
+# ------------------------------------------------------------------ the ensemble's outputs
+def _ensemble_catalog(project_root: Path, out: Path, version: str):
+    """The ``ensemble`` section of the project's catalog under ``out``, as a run at save
+    version ``version`` builds it (the project's hooks included)."""
+    from tests.test_ensemble import _moved_catalog
+
+    conf = _moved_catalog(project_root, out)
+    catalog = DataCatalog.from_config(conf, save_version=version)
+    hooks = ProjectHooks()
+    hooks.after_catalog_created(catalog, conf_catalog=conf, save_version=version)
+    return catalog, hooks
+
+
+def test_every_ensemble_file_output_is_versioned(project_root: Path) -> None:
+    from tests.conftest import catalog_section
+
+    unversioned = [
+        name
+        for name, entry in catalog_section(project_root, "ensemble").items()
+        if "filepath" in entry.get("dataset", entry)
+        and not entry.get("dataset", entry).get("versioned")
+    ]
+    assert unversioned == []
+
+
+def _ensemble_outputs(seed: int) -> dict:
+    """One run's outputs: factory-pattern entries and explicit ones, MLflow-wrapped or not."""
+    import pandas as pd
+
+    from skin_lesion_classifier.models.ensemble_checkpoint import (
+        build_ensemble_checkpoint,
+    )
+
+    ensemble = build_ensemble_checkpoint(
+        [("a", _checkpoint(seed)), ("b", _checkpoint(seed + 10))], [0.5, 0.5]
+    )
+    rule = {"rule": "argmax", "class_weights": [1.0] * 7, "melanoma_threshold": seed / 10,
+            WEIGHTS_KEY: weights_digest(ensemble["state_dict"])}  # fmt: skip
+    return {
+        "member_1.model_checkpoint": _checkpoint(seed),
+        "member_1.decision_rule": {"rule": "argmax", "seed": seed},
+        "member_1.val_predictions": pd.DataFrame({"seed": [seed]}),
+        "ensemble.model_checkpoint": ensemble,
+        "ensemble.decision_rule": rule,
+        "ensemble.comparison": pd.DataFrame({"seed": [seed]}),
+    }
+
+
+def _nothing() -> None:
+    return None
+
+
+def test_a_second_ensemble_run_keeps_the_first_and_serving_takes_the_latest(
+    tmp_path: Path, project_root: Path
+) -> None:
+    import warnings
+
+    from kedro.pipeline import Node, Pipeline
+
+    from skin_lesion_classifier.api.model_source import open_predictor
+
+    ran = {}
+    for version, seed in ((V1, 1), (V2, 2)):
+        catalog, hooks = _ensemble_catalog(project_root, tmp_path, version)
+        data = _ensemble_outputs(seed)
+        with warnings.catch_warnings():  # dotted names: the pipeline's namespaces
+            warnings.simplefilter("ignore", UserWarning)
+            pipe = Pipeline([Node(_nothing, None, name, name=f"n{i}")
+                             for i, name in enumerate(data)])  # fmt: skip
+        hooks.before_pipeline_run(pipe, catalog)
+        for name, value in data.items():
+            dataset = catalog.get(name)
+            if hasattr(dataset, "_logging_activated"):  # no MLflow run in this test
+                dataset._logging_activated = False
+            dataset.save(value)
+        ran[version] = catalog
+    for file in (
+        "data/06_models/ensemble/members/member_1.pt",
+        "data/06_models/ensemble/members/member_1_decision_rule.json",
+        "data/07_model_output/ensemble/member_1/val_predictions.parquet",
+        "data/06_models/ensemble/ensemble.pt",
+        "data/06_models/ensemble/decision_rule.json",
+        "data/08_reporting/ensemble/comparison.csv",
+    ):  # the second run kept the first one's file, each run's at its own version
+        assert saved_versions(tmp_path / file) == [V1, V2], file
+    assert ran[V1].load("member_1.decision_rule")["seed"] == 1
+    assert ran[V2].load("member_1.val_predictions")["seed"].tolist() == [2]
+    # serve / predict: the latest ensemble with the rule evaluated for it, or a named one
+    ensemble = tmp_path / "data/06_models/ensemble/ensemble.pt"
+    latest = open_predictor(ensemble)
+    assert latest.decision.melanoma_threshold == pytest.approx(0.2)
+    earlier = open_predictor(ensemble / V1 / "ensemble.pt")
+    assert earlier.decision.melanoma_threshold == pytest.approx(0.1)

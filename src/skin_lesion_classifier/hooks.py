@@ -4,7 +4,8 @@ runs can share.
 * Model and evaluation outputs are Kedro-versioned (``versioned: true`` in the catalog):
   each run saves ``<filepath>/<save version>/<name>``. A file left at such a path by an
   older, unversioned checkout is moved into a version folder named by its modification
-  time instead of blocking the run (nothing is deleted).
+  time instead of blocking the run (nothing is deleted); for an entry a factory pattern
+  builds (the ensemble's members), when the run first asks for it.
 * A versioned output the run also reads (evaluation reads the checkpoint training saved)
   is read at this run's own version, not the "latest", which another run started at the
   same time may have saved in between.
@@ -91,10 +92,11 @@ def _version_mlflow_artifacts(
 ) -> None:
     """Build each ``MlflowArtifactDataset`` around a ``versioned: true`` dataset with the
     run's versions: kedro-mlflow builds the inner dataset without them, and Kedro then
-    refuses its own, different save version."""
+    refuses its own, different save version. Factory patterns (``"{name}.decision_rule"``)
+    use ``VersionedMlflowArtifactDataset``, which takes the run's versions itself."""
     for name, entry in conf.items():
         inner = entry.get("dataset") if isinstance(entry, dict) else None
-        if not (
+        if "{" in name or not (
             str(entry.get("type", "")).endswith("MlflowArtifactDataset")
             and isinstance(inner, dict)
             and inner.get("versioned")
@@ -152,7 +154,8 @@ class ProjectHooks:
     @hook_impl
     def before_pipeline_run(self, pipeline: Any, catalog: Any) -> None:
         for name in pipeline.all_outputs():
-            dataset = catalog.get(name) if name in catalog else None
+            dataset = catalog.get(name) if name in catalog else None  # patterns too
             if isinstance(dataset, AbstractVersionedDataset) and dataset._version:
                 save = dataset.resolve_save_version()
                 dataset._version = Version(save, save)
+                move_into_version_folder(Path(str(dataset._filepath)))
