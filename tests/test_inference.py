@@ -419,3 +419,37 @@ def test_images_of_any_size_are_accepted(checkpoint: Path, samples_dir: Path) ->
         picture.resize((w, h)).save(buf, format="PNG")
         p = pred.predict_one(buf.getvalue(), name=f"{w}x{h}.png")
         assert p.shape == (7,) and abs(p.sum() - 1) < 1e-5
+
+
+def test_predict_refuses_pictures_above_the_configured_pixel_limit(
+    checkpoint: Path, samples_dir: Path, tmp_path: Path, project_root: Path
+) -> None:
+    import yaml
+
+    from skin_lesion_classifier.cli import main
+    from skin_lesion_classifier.pipelines.inference.nodes import predict_images
+
+    folder = tmp_path / "inputs"
+    folder.mkdir()
+    for p in sorted((samples_dir / "images").glob("*.jpg"))[:2]:  # 600x450 = 270000
+        shutil.copy(p, folder / p.name)
+    args = ["predict", str(folder), "--model", str(checkpoint)]
+    out = tmp_path / "small_limit.csv"
+    assert main([*args, "--output", str(out), "--max-pixels", "200000"]) == 0
+    errors = pd.read_csv(tmp_path / "small_limit_errors.csv")
+    assert len(pd.read_csv(out)) == 0 and len(errors) == 2
+    assert errors.reason.str.contains("exceeds the limit of 200000 pixels").all()
+    out = tmp_path / "default_limit.csv"
+    assert main([*args, "--output", str(out)]) == 0
+    assert len(pd.read_csv(out)) == 2
+    assert len(pd.read_csv(tmp_path / "default_limit_errors.csv")) == 0
+    # the inference pipeline's parameter (conf/base/parameters_inference.yml)
+    params = yaml.safe_load(
+        (project_root / "conf/base/parameters_inference.yml").read_text()
+    )["inference"] | {"model": str(checkpoint)}
+    paths = sorted(str(p) for p in folder.iterdir())
+    preds, errors, _ = predict_images(paths, params | {"max_pixels": 270_000})
+    assert len(preds) == 2 and len(errors) == 0
+    preds, errors, _ = predict_images(paths, params | {"max_pixels": 269_999})
+    assert len(preds) == 0
+    assert errors.reason.str.contains("exceeds the limit of 269999 pixels").all()

@@ -19,15 +19,9 @@ from skin_lesion_classifier.pipelines.ingestion.nodes import (
     summarize_data_quality,
     validate_metadata_node,
 )
+from tests.conftest import project_params
 
-PARAMS = {
-    "min_age": 0,
-    "max_age": 120,
-    "absent_columns": [],
-    "workers": 2,
-    "near_duplicate_min_correlation": 0.99,
-    "known_duplicates": [["ISIC_0025226", "ISIC_0030074"]],
-}
+PARAMS = {**project_params()["ingestion"], "workers": 2}
 
 
 def test_real_metadata_is_clean(metadata_df):
@@ -283,3 +277,33 @@ def test_a_dangling_link_among_the_images_is_listed_with_its_reason(
     reason = checks.set_index("image_id").loc["ISIC_9100001", "reason"]
     assert "dangling symbolic link" in reason and "moved_away.jpg" in reason
     assert checks.set_index("image_id").loc[good.stem, "ok"]
+
+
+def test_an_image_above_the_configured_pixel_limit_is_reported_not_decoded(
+    tmp_path, samples_dir
+):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    images = sorted((samples_dir / "images").glob("*.jpg"))[:3]  # 600x450 = 270000
+    for img in images:
+        shutil.copy(img, folder / img.name)
+    meta = pd.read_csv(samples_dir / "HAM10000_metadata_samples.csv")
+    meta = meta[meta.image_id.isin([p.stem for p in images])]
+
+    def ingest(max_pixels: int):
+        params = {**PARAMS, "max_pixels": max_pixels}
+        metadata, meta_issues = validate_metadata_node(meta, params)
+        checks = check_image_files(find_image_files(folder), params)
+        index, issues, dups = build_image_index(metadata, meta_issues, checks, params)
+        return index, summarize_data_quality(meta, meta_issues, issues, index, dups)
+
+    index, (report, issues, _) = ingest(max_pixels=200_000)
+    assert len(index) == 0 and report["usable_images"] == 0
+    refused = issues[issues.image_id.isin([p.stem for p in images])]
+    assert len(refused) == 3
+    assert refused.reason.str.contains(
+        "600x450 = 270000 pixels exceeds the limit of 200000 pixels"
+    ).all()
+    index, (report, issues, _) = ingest(max_pixels=270_000)
+    assert sorted(index.image_id) == sorted(p.stem for p in images)
+    assert not issues.reason.str.contains("limit").any()

@@ -17,6 +17,7 @@ from skin_lesion_classifier.pipelines.splitting.nodes import (
     assign_splits,
     summarize_splits,
 )
+from tests.conftest import project_params
 
 #: Largest allowed gap between a split's share of a class and its target share (absolute).
 SHARE_TOLERANCE = 0.02
@@ -27,11 +28,7 @@ SPLIT_PARAMS = {
     "seed": 42,
     "n_folds": 5,
 }
-INGEST_PARAMS = {
-    "workers": 2,
-    "near_duplicate_min_correlation": 0.99,
-    "known_duplicates": [],
-}
+INGEST_PARAMS = {**project_params()["ingestion"], "workers": 2, "known_duplicates": []}
 
 
 @pytest.fixture(scope="module")

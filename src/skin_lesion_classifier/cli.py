@@ -33,6 +33,7 @@ from typing import Any
 import click
 
 from skin_lesion_classifier.api.model_source import DEFAULT_MODEL
+from skin_lesion_classifier.data.images import MAX_PIXELS
 
 #: Exit status of ``serve`` when the model cannot be loaded (as uvicorn's failed start-up).
 SERVE_STARTUP_FAILED = 3
@@ -97,6 +98,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--errors", default=None, help="errors CSV (default: <output stem>_errors.csv)"
     )
     p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument(
+        "--max-pixels",
+        type=int,
+        default=MAX_PIXELS,
+        help="largest picture decoded, in pixels read from its header; a larger one goes "
+        "to the errors file with the limit named (default %(default)s)",
+    )
     p.add_argument("--recursive", action="store_true", help="descend into sub-folders")
     p.add_argument(
         "--tta", action="store_true", help="average flips / rotations (torch backend)"
@@ -250,7 +258,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         batch_size=args.batch_size, **({"tta": True} if args.tta else {}),
     )  # fmt: skip
     predictions, errors = predict_files(
-        predictor, paths, batch_size=args.batch_size, metadata=metadata
+        predictor, paths, args.batch_size, metadata, max_pixels=args.max_pixels
     )
     out.parent.mkdir(parents=True, exist_ok=True)
     err.parent.mkdir(parents=True, exist_ok=True)

@@ -6,6 +6,7 @@ Both official layouts work: one folder of images, or the two folders of the rele
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import os
@@ -18,6 +19,7 @@ from PIL import Image
 
 from skin_lesion_classifier.data.images import (
     IMAGE_SUFFIXES,
+    MAX_PIXELS,
     ImageDecodeError,
     load_rgb,
 )
@@ -93,8 +95,9 @@ def image_signature(
     return g.astype(np.float16)
 
 
-def check_image(path: str | os.PathLike) -> dict:
-    """Decode one file fully; return its size, mode, SHA-256 and near-duplicate signature, or the reason it failed."""
+def check_image(path: str | os.PathLike, max_pixels: int = MAX_PIXELS) -> dict:
+    """Decode one file fully; return its size, mode, SHA-256 and near-duplicate signature,
+    or the reason it failed (above ``max_pixels`` pixels: not decoded, the limit named)."""
     path = Path(path)
     row = {
         "image_id": path.stem,
@@ -119,7 +122,7 @@ def check_image(path: str | os.PathLike) -> dict:
         return row
     row["sha256"] = hashlib.sha256(data).hexdigest()
     try:
-        img = load_rgb(data, name=str(path))
+        img = load_rgb(data, name=str(path), max_pixels=max_pixels)
         with Image.open(io.BytesIO(data)) as probe:
             row["mode"] = probe.mode
     except ImageDecodeError as exc:
@@ -138,13 +141,17 @@ def check_image(path: str | os.PathLike) -> dict:
 
 
 def check_images(
-    paths: list[str], workers: int | None = None, progress: bool = True
+    paths: list[str],
+    workers: int | None = None,
+    progress: bool = True,
+    max_pixels: int = MAX_PIXELS,
 ) -> pd.DataFrame:
     """:func:`check_image` over many files with a thread pool (Pillow decodes without the GIL)."""
     workers = workers or min(8, (os.cpu_count() or 2) * 2)
     results: list[dict] = []
+    check = functools.partial(check_image, max_pixels=max_pixels)
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        iterator = pool.map(check_image, paths, chunksize=32)
+        iterator = pool.map(check, paths, chunksize=32)
         if progress:
             from tqdm.auto import tqdm
 

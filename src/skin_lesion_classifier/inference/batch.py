@@ -26,7 +26,7 @@ import numpy as np
 import pandas as pd
 
 from skin_lesion_classifier.constants import CLASSES, ISIC_COLUMNS
-from skin_lesion_classifier.data.images import ImageDecodeError
+from skin_lesion_classifier.data.images import MAX_PIXELS, ImageDecodeError
 from skin_lesion_classifier.data.metadata_features import (
     METADATA_COLUMNS,
     UNKNOWN_SITE,
@@ -267,8 +267,12 @@ def predict_files(
     paths: Sequence[str | os.PathLike],
     batch_size: int = 32,
     metadata: pd.DataFrame | None = None,
+    max_pixels: int = MAX_PIXELS,
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Predict ``paths`` in batches of ``batch_size`` decoded pictures.
+
+    A picture whose header announces more than ``max_pixels`` pixels is not decoded; it
+    goes to the errors with the limit named.
 
     ``metadata`` (from :func:`read_metadata_csv`) feeds a model that fuses patient
     metadata; pictures without a row are predicted with every field unknown and the
@@ -312,7 +316,7 @@ def predict_files(
             errors.append({"image": str(path), "reason": problem})
             continue
         try:
-            batch.append(predictor.prepare(path, name=path.name))
+            batch.append(predictor.prepare(path, path.name, max_pixels))
             batch_index.append(i)
         except ImageDecodeError as exc:
             logger.warning("Skipping unreadable image: %s", exc)

@@ -29,7 +29,12 @@ import pandas as pd
 import torch
 
 from skin_lesion_classifier.constants import CLASSES
-from skin_lesion_classifier.data.images import load_resized, load_rgb, resize_rgb
+from skin_lesion_classifier.data.images import (
+    MAX_PIXELS,
+    load_resized,
+    load_rgb,
+    resize_rgb,
+)
 from skin_lesion_classifier.data.metadata_features import (
     METADATA_COLUMNS,
     OTHER_SITE,
@@ -175,13 +180,19 @@ class Predictor:
         self.decision = decision_from_meta(self.meta, source=source)
 
     def prepare(
-        self, source: str | os.PathLike | bytes, name: str | None = None
+        self,
+        source: str | os.PathLike | bytes,
+        name: str | None = None,
+        max_pixels: int = MAX_PIXELS,
     ) -> np.ndarray:
         """Decode ``source`` and resize it to the model's input size: ``(H, W, 3)`` uint8.
 
-        Raises :class:`data.images.ImageDecodeError` naming ``name`` for unreadable input.
+        Raises :class:`data.images.ImageDecodeError` naming ``name`` for unreadable input
+        (:class:`data.images.ImageTooLarge` above ``max_pixels``, before decoding).
         """
-        return resize_rgb(load_rgb(source, name=name), self.input_size)
+        return resize_rgb(
+            load_rgb(source, name=name, max_pixels=max_pixels), self.input_size
+        )
 
     @property
     def uses_metadata(self) -> bool:

@@ -61,6 +61,7 @@ def predict_images(
         paths,
         batch_size=int(params["batch_size"]),
         metadata=metadata,
+        max_pixels=int(params["max_pixels"]),
     )
     metrics = {
         "inference_images_predicted": {"value": float(len(predictions)), "step": 0},

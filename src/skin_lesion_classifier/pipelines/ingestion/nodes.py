@@ -60,7 +60,11 @@ def check_image_files(raw_images: pd.DataFrame, params: dict[str, Any]) -> pd.Da
             "no image files found in the raw image folder; run `make data` first"
         )
     first = raw_images[raw_images["duplicate_of"].isna()]
-    checks = check_images(first["path"].tolist(), workers=params["workers"])
+    checks = check_images(
+        first["path"].tolist(),
+        workers=params["workers"],
+        max_pixels=int(params["max_pixels"]),
+    )
     repeated = raw_images[raw_images["duplicate_of"].notna()]
     if len(repeated):
         extra = pd.DataFrame(
