@@ -28,6 +28,8 @@ from tests.conftest import train_params
 
 EPOCHS = 2
 
+pytestmark = pytest.mark.slow  # trains a model
+
 
 @pytest.fixture
 def mlflow_run(tmp_path):
