@@ -79,6 +79,20 @@ def fusion_params(**overrides) -> dict:
     return soft_merge(project_params()["ensemble"]["fusion"], overrides)
 
 
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Start the layering test's fresh interpreter (seconds of imports) as soon as the tests
+    are chosen, when it is among them: it runs beside the other tests on a second core."""
+    if session.config.option.collectonly:
+        return
+    if any(
+        item.name == "test_models_and_engine_imports_in_a_fresh_interpreter"
+        for item in session.items
+    ):
+        from tests.test_layering import start_fresh_interpreter
+
+        start_fresh_interpreter()
+
+
 def kedro_env(**extra: str) -> dict[str, str]:
     """The environment for a ``kedro`` (or ``mlflow``) subprocess: telemetry off and no
     inherited ``MLFLOW_TRACKING_URI``, then ``extra`` on top.

@@ -104,25 +104,43 @@ def test_engine_modules_import_only_floors_below_and_no_kedro_or_mlflow():
     )
 
 
+_FRESH: dict[str, subprocess.Popen] = {}
+
+
+def start_fresh_interpreter() -> subprocess.Popen:
+    """The fresh interpreter of :func:`test_models_and_engine_imports_in_a_fresh_interpreter`
+    (started once). ``conftest.py`` starts it as soon as the tests are chosen, so that its
+    seconds of imports run beside the other tests instead of after them."""
+    if "proc" not in _FRESH:
+        models = [_module_name(p) for p in sorted((PACKAGE / "models").glob("*.py"))]
+        engine = [_module_name(p) for p in _engine_files()]
+        code = (
+            "import importlib, json, sys\n"
+            f"for m in {models!r}: importlib.import_module(m)\n"
+            "print(json.dumps(sorted(sys.modules)))\n"
+            f"for m in {engine!r}: importlib.import_module(m)\n"
+            "print(json.dumps(sorted(sys.modules)))\n"
+        )
+        _FRESH["proc"] = subprocess.Popen(
+            [sys.executable, "-c", code],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+    return _FRESH["proc"]
+
+
 def test_models_and_engine_imports_in_a_fresh_interpreter():
     """Importing every ``models/`` module (the union covers each one alone) loads no
     training, inference, evaluation, reporting, pipeline, Kedro or MLflow module; importing
     every engine module then loads no Kedro or MLflow (one interpreter, two snapshots)."""
     models = [_module_name(p) for p in sorted((PACKAGE / "models").glob("*.py"))]
     assert "skin_lesion_classifier.models.ensemble" in models
-    engine = [_module_name(p) for p in _engine_files()]
-    code = (
-        "import importlib, json, sys\n"
-        f"for m in {models!r}: importlib.import_module(m)\n"
-        "print(json.dumps(sorted(sys.modules)))\n"
-        f"for m in {engine!r}: importlib.import_module(m)\n"
-        "print(json.dumps(sorted(sys.modules)))\n"
-    )
-    out = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, check=True
-    )
+    proc = start_fresh_interpreter()
+    stdout, stderr = proc.communicate(timeout=600)
+    assert proc.returncode == 0, stderr[-3000:]
     after_models, after_engine = (
-        json.loads(line) for line in out.stdout.strip().splitlines()[-2:]
+        json.loads(line) for line in stdout.strip().splitlines()[-2:]
     )
     above = [
         m
