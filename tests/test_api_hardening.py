@@ -28,6 +28,7 @@ from tests.service_helpers import (
 pytestmark = pytest.mark.slow
 
 BODY_TIMEOUT_S = 3
+HEADER_TIMEOUT_S = 2
 #: Peak resident memory the server may add while refusing 4 adversarial uploads at once
 #: (before: +7 GB; refusing from the header: +2 MiB).
 ADVERSARIAL_PEAK_MIB = 150
@@ -49,6 +50,7 @@ def server(model_dir, tmp_path_factory):
         "SLC_MAX_UPLOAD_BYTES": "2000000",
         "SLC_EXPLAIN_QUEUE": "1",
         "SLC_BODY_TIMEOUT_S": str(BODY_TIMEOUT_S),
+        "SLC_HEADER_TIMEOUT_S": str(HEADER_TIMEOUT_S),
         "SLC_THREADS": "1",
     }
     log = tmp_path_factory.mktemp("logs") / "serve.log"
@@ -163,6 +165,90 @@ def test_a_stalled_upload_is_timed_out(server) -> None:
     assert reply.startswith("HTTP/1.1 408"), reply
     assert "request_timeout" in reply and "SLC_BODY_TIMEOUT_S" in reply
     assert BODY_TIMEOUT_S - 0.5 <= waited < BODY_TIMEOUT_S + 10
+    assert httpx.get(server.url + "/health").status_code == 200
+
+
+def _stalled_head(url: str, first: bytes, trickle: bytes = b"", keep_alive=False):
+    """Open a connection (after one whole request on it when ``keep_alive``), send
+    ``first``, then ``trickle`` one byte every 0.2 s; return the seconds until the server
+    closed the connection (from the first byte of the stalled head) and what it answered."""
+    import select
+
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        if keep_alive:
+            sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+            answer = sock.recv(65536)
+            head, _, body = answer.partition(b"\r\n\r\n")
+            length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+            while len(body) < length:  # the whole first answer
+                body += sock.recv(65536)
+            assert head.startswith(b"HTTP/1.1 200")
+        t0 = time.monotonic()
+        sock.sendall(first)
+        reply, pending = b"", list(trickle)
+        while time.monotonic() - t0 < HEADER_TIMEOUT_S + 20:
+            if select.select([sock], [], [], 0.2)[0]:
+                chunk = sock.recv(65536)
+                if not chunk:  # closed by the server
+                    return time.monotonic() - t0, reply.decode("latin-1")
+                reply += chunk
+            elif pending:
+                try:
+                    sock.sendall(bytes([pending.pop(0)]))
+                except OSError:  # reset: closed too
+                    return time.monotonic() - t0, reply.decode("latin-1")
+    raise AssertionError(
+        f"the connection was still open after {HEADER_TIMEOUT_S + 20} s"
+    )
+
+
+@pytest.fixture(params=["auto", "h11"])
+def head_server(request, server, model_dir, tmp_path):
+    """The service with the request-head deadline on uvicorn's httptools protocol (what
+    ``auto`` picks where httptools is installed) and on its h11 one."""
+    if request.param == "auto":
+        yield server
+        return
+    with LocalServer(
+        server.env,
+        log_path=tmp_path / "serve.log",
+        http="skin_lesion_classifier.api.protocol:HeaderTimeoutH11Protocol",
+    ) as s:
+        yield s
+
+
+def test_a_stalled_or_trickled_request_head_is_cut_off(head_server) -> None:
+    server = head_server
+    partial = b"GET /health HTTP/1.1\r\nHost: x\r\n"
+    clients = {
+        "connects, sends nothing": dict(first=b""),
+        "sends part of the head, then stops": dict(first=partial),
+        "trickles the head byte by byte": dict(first=b"G", trickle=partial[1:] * 40),
+        "stalls its next request on a kept-alive connection": dict(
+            first=partial, keep_alive=True
+        ),
+    }
+    results: dict[str, tuple[float, str]] = {}
+
+    def run(name: str) -> None:
+        results[name] = _stalled_head(server.url, **clients[name])
+
+    threads = [threading.Thread(target=run, args=(n,)) for n in clients]
+    for t in threads:
+        t.start()
+    time.sleep(0.5)  # while they stall, the service answers everyone else at once
+    for _ in range(5):
+        t0 = time.monotonic()
+        assert httpx.get(server.url + "/health", timeout=5).status_code == 200
+        assert time.monotonic() - t0 < 1.0
+    for t in threads:
+        t.join(timeout=HEADER_TIMEOUT_S + 30)
+    assert set(results) == set(clients)
+    for name, (waited, reply) in results.items():
+        assert HEADER_TIMEOUT_S - 0.5 <= waited < HEADER_TIMEOUT_S + 3, (name, waited)
+        assert reply.startswith("HTTP/1.1 408"), (name, reply)
+        assert "SLC_HEADER_TIMEOUT_S" in reply and "nosniff" in reply, name
     assert httpx.get(server.url + "/health").status_code == 200
 
 

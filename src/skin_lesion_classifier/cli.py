@@ -324,6 +324,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         create_app,
         load_predictor_for,
     )
+    from skin_lesion_classifier.api.protocol import HeaderTimeoutProtocol
 
     env = {
         "SLC_MODEL": args.model,
@@ -362,6 +363,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         reload_dirs=[str(Path(__file__).parent)] if args.reload else None,
         log_level=args.log_level,
         server_header=False,
+        http=HeaderTimeoutProtocol,  # a request head must arrive in SLC_HEADER_TIMEOUT_S
     )
     return 0
 

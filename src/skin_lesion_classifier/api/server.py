@@ -13,6 +13,8 @@ from pathlib import Path
 import httpx
 
 LOOPBACK = "127.0.0.1"
+#: uvicorn's protocol with a deadline on the request head (``SLC_HEADER_TIMEOUT_S``).
+HTTP_PROTOCOL = "skin_lesion_classifier.api.protocol:HeaderTimeoutProtocol"
 
 
 def free_port(host: str = LOOPBACK) -> int:
@@ -37,6 +39,7 @@ class LocalServer:
         startup_timeout: float = 120.0,
         log_path: str | os.PathLike | None = None,
         cwd: str | os.PathLike | None = None,
+        http: str = HTTP_PROTOCOL,
     ):
         self.port = port or free_port()
         self.url = f"http://{LOOPBACK}:{self.port}"
@@ -44,6 +47,7 @@ class LocalServer:
         self.startup_timeout = startup_timeout
         self.log_path = Path(log_path) if log_path else None
         self.cwd = cwd
+        self.http = http
         self.proc: subprocess.Popen | None = None
         self._log = None
 
@@ -51,7 +55,7 @@ class LocalServer:
         cmd = [
             sys.executable, "-m", "uvicorn", "skin_lesion_classifier.api.app:create_app",
             "--factory", "--host", LOOPBACK, "--port", str(self.port), "--log-level", "warning",
-            "--no-server-header",
+            "--no-server-header", "--http", self.http,
         ]  # fmt: skip
         if self.log_path:
             self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in __exit__

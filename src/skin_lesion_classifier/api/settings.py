@@ -12,24 +12,24 @@ from dataclasses import dataclass, field
 from skin_lesion_classifier.data.images import MAX_PIXELS
 
 
-def _env_int(name: str, default: int) -> int:
+def _env_number(name: str, default: int | float) -> int | float:
+    """``$name`` as a number of ``default``'s type (int or float); ``default`` when unset
+    or blank. A value that does not parse raises ``ValueError`` naming the variable."""
     value = os.environ.get(name)
     if value is None or not value.strip():
         return default
+    kind = type(default)
     try:
-        return int(value)
+        return kind(value)
     except ValueError as exc:
-        raise ValueError(f"{name}={value!r} is not an integer") from exc
+        what = "an integer" if kind is int else "a number"
+        raise ValueError(f"{name}={value!r} is not {what}") from exc
 
 
-def _env_float(name: str, default: float) -> float:
-    value = os.environ.get(name)
-    if value is None or not value.strip():
-        return default
-    try:
-        return float(value)
-    except ValueError as exc:
-        raise ValueError(f"{name}={value!r} is not a number") from exc
+def env_header_timeout_s() -> float:
+    """``SLC_HEADER_TIMEOUT_S``: seconds a client has to send a request's line and headers
+    (read by the server's connection protocol, :mod:`skin_lesion_classifier.api.protocol`)."""
+    return float(_env_number("SLC_HEADER_TIMEOUT_S", 10.0))
 
 
 def _env_flag(name: str, default: bool) -> bool:
@@ -59,6 +59,10 @@ class ServiceSettings:
       one Grad-CAM runs, 4; more get 503 with ``Retry-After``.
     * ``body_timeout_s`` (``SLC_BODY_TIMEOUT_S``): seconds a client has to send a whole
       request body, 30; a slower upload gets 408.
+    * ``header_timeout_s`` (``SLC_HEADER_TIMEOUT_S``): seconds a client has, from the
+      moment it connects (or starts its next request), to send the request line and
+      headers, 10; a slower client gets 408 and its connection is closed (uvicorn itself
+      has no such limit; see :mod:`skin_lesion_classifier.api.protocol`).
     * ``docs`` (``SLC_DOCS``): serve ``/docs`` (Swagger UI from local files) and
       ``/openapi.json``, on by default; ``SLC_DOCS=0`` turns both off.
     * ``threads`` (``SLC_THREADS``): intra-op threads for torch / ONNX Runtime (0 = default).
@@ -77,23 +81,26 @@ class ServiceSettings:
     )
     device: str = field(default_factory=lambda: os.environ.get("SLC_DEVICE", "cpu"))
     max_upload_bytes: int = field(
-        default_factory=lambda: _env_int("SLC_MAX_UPLOAD_BYTES", 10 * 1024 * 1024)
+        default_factory=lambda: _env_number("SLC_MAX_UPLOAD_BYTES", 10 * 1024 * 1024)
     )
     max_pixels: int = field(
-        default_factory=lambda: _env_int("SLC_MAX_PIXELS", MAX_PIXELS)
+        default_factory=lambda: _env_number("SLC_MAX_PIXELS", MAX_PIXELS)
     )
     decode_concurrency: int = field(
-        default_factory=lambda: _env_int("SLC_DECODE_CONCURRENCY", 2)
+        default_factory=lambda: _env_number("SLC_DECODE_CONCURRENCY", 2)
     )
     predict_queue: int = field(
-        default_factory=lambda: _env_int("SLC_PREDICT_QUEUE", 32)
+        default_factory=lambda: _env_number("SLC_PREDICT_QUEUE", 32)
     )
-    explain_queue: int = field(default_factory=lambda: _env_int("SLC_EXPLAIN_QUEUE", 4))
+    explain_queue: int = field(
+        default_factory=lambda: _env_number("SLC_EXPLAIN_QUEUE", 4)
+    )
     body_timeout_s: float = field(
-        default_factory=lambda: _env_float("SLC_BODY_TIMEOUT_S", 30.0)
+        default_factory=lambda: _env_number("SLC_BODY_TIMEOUT_S", 30.0)
     )
+    header_timeout_s: float = field(default_factory=env_header_timeout_s)
     docs: bool = field(default_factory=lambda: _env_flag("SLC_DOCS", True))
-    threads: int = field(default_factory=lambda: _env_int("SLC_THREADS", 0))
+    threads: int = field(default_factory=lambda: _env_number("SLC_THREADS", 0))
     decision_file: str | None = field(
         default_factory=lambda: os.environ.get("SLC_DECISION") or None
     )
@@ -109,6 +116,7 @@ class ServiceSettings:
             "max_pixels": self.max_pixels,
             "decode_concurrency": self.decode_concurrency,
             "body_timeout_s": self.body_timeout_s,
+            "header_timeout_s": self.header_timeout_s,
         }
         for name, value in positive.items():
             if value <= 0:
