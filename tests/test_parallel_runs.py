@@ -15,8 +15,10 @@ import pandas as pd
 import pytest
 import yaml
 
+from skin_lesion_classifier.config_defaults import soft_merge
 from skin_lesion_classifier.inference.versions import (
     WEIGHTS_KEY,
+    resolve_version,
     saved_versions,
     weights_digest,
 )
@@ -185,3 +187,95 @@ def test_three_processes_create_and_share_a_fresh_mlflow_store(tmp_path):
     runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
     assert len(runs) == 3
     assert all(len(client.get_metric_history(r.info.run_id, "m")) == 50 for r in runs)
+
+
+def _tiny_ensemble_conf(proj: Path) -> None:
+    """Two tiny members, short fusion heads, few bootstrap draws (conf/local)."""
+    member = {"input_size": SIZE, "train": {"arch": "test_efficientnet"}}
+    params = {
+        "ensemble": {
+            "members": {
+                "member_1": member,
+                "member_2": soft_merge(
+                    member,
+                    {
+                        "train": {
+                            "arch": "resnet10t",
+                            "model_kwargs": {},
+                            "batch_size": 8,
+                            "eval_batch_size": 16,
+                        }
+                    },
+                ),  # fmt: skip
+            },
+            "fusion": {
+                "hidden": [8],
+                "epochs": 2,
+                "batch_size": 16,
+                "patience": 2,
+                "feature_views": 1,
+                "min_site_count": 1,
+            },  # fmt: skip
+            "predict": {"device": "cpu"},
+            "mlflow": {"mlflow_model": {"device": "cpu"}},
+            "compare": {"n_boot": 20},
+        }
+    }
+    (proj / "conf/local/parameters_tiny_ensemble.yml").write_text(
+        yaml.safe_dump(params)
+    )
+
+
+@pytest.mark.slow
+def test_a_second_ensemble_run_keeps_the_first_ones_results(
+    tmp_path, metadata_df, ham10000_dir, samples_dir
+):
+    proj = scratch_project(tmp_path)
+    _raw_data(proj, metadata_df, ham10000_dir)
+    _tiny_conf(proj)
+    _tiny_ensemble_conf(proj)
+    _finish(_start(proj, "--pipelines", "ingestion,splitting"))
+    for _ in range(2):
+        _finish(_start(proj, "--pipelines", "ensemble"))
+
+    data = proj / "data"
+    ensemble = data / "06_models/ensemble/ensemble.pt"
+    versions = saved_versions(ensemble)
+    assert len(versions) == 2
+    for entry in (  # every output of both runs is kept, each at its run's version
+        "06_models/ensemble/ensemble_image.pt",
+        "06_models/ensemble/decision_rule.json",
+        "06_models/ensemble/members/member_2_meta.pt",
+        "06_models/ensemble/members/member_1_decision_rule.json",
+        "07_model_output/ensemble/ensemble/test_predictions.parquet",
+        "08_reporting/ensemble/comparison.csv",
+        "08_reporting/ensemble/report.html",
+    ):
+        assert saved_versions(data / entry) == versions, entry
+    # the ensemble model logged to MLflow by each run carries that run's checkpoint
+    import mlflow
+
+    mlflow.set_tracking_uri(f"sqlite:///{proj / 'mlflow.db'}")
+    runs = mlflow.search_runs(experiment_names=["skin_lesion_classifier"])
+    logged = set()
+    for run_id in runs.run_id:
+        try:
+            path = mlflow.MlflowClient().download_artifacts(
+                run_id, "ensemble_model/artifacts/ensemble.pt", str(tmp_path / run_id)
+            )
+        except Exception:  # noqa: BLE001 - the ingestion run logged no model
+            continue
+        logged.add(_sha(Path(path)))
+    assert logged == {_sha(ensemble / v / "ensemble.pt") for v in versions}
+    # predict with the ensemble folder: the latest version with its own decision rule
+    from skin_lesion_classifier.cli import main
+
+    out = tmp_path / "preds.csv"
+    assert main(["predict", str(samples_dir / "images"), "--model", str(ensemble),
+                 "--output", str(out)]) == 0  # fmt: skip
+    assert len(pd.read_csv(out)) == 21
+    rule = json.loads(
+        (resolve_version(data / "06_models/ensemble/decision_rule.json")).read_text()
+    )
+    latest = read_checkpoint(ensemble / versions[-1] / "ensemble.pt")["state_dict"]
+    assert rule[WEIGHTS_KEY] == weights_digest(latest)
