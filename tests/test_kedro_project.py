@@ -119,12 +119,23 @@ def test_quick_training_run_logs_the_resolved_config_without_warnings(
     )
     log = out.stdout + out.stderr
     assert out.returncode == 0, log[-4000:]
-    # the only warning: kedro-mlflow's own pyfunc class (KedroPipelineModel, unused here)
-    # has no type hints, and MLflow says so (under its own warning filter) when the kedro
-    # CLI loads that plugin, before any project code runs
-    warnings = [line for line in log.splitlines() if "Warning:" in line]
-    assert len(warnings) <= 1, warnings
-    assert all("data_validation.py" in line for line in warnings), warnings
+    # known, from MLflow about the pyfunc it is handed: kedro-mlflow's own class
+    # (KedroPipelineModel, unused here) has no type hints (under MLflow's own warning
+    # filter, when the kedro CLI loads that plugin); a DataFrame-typed predict gives no
+    # signature; a python_model object is pickled (the models-from-code form would not be)
+    known = (
+        "data_validation.py",
+        "Failed to infer model signature",
+        "serialized using CloudPickle",
+    )
+    # anything else logged as a warning fails, Kedro's "Replacing dataset" included
+    warnings = [
+        line
+        for line in log.splitlines()
+        if ("Warning:" in line or " WARNING " in line)
+        and not any(k in line for k in known)
+    ]
+    assert warnings == [], warnings
 
     import mlflow
 

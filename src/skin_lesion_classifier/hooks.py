@@ -19,10 +19,12 @@ runs can share.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import logging
 import os
 import sqlite3
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -105,7 +107,22 @@ def _version_mlflow_artifacts(
         version = Version(load_versions.get(name), save_version)
         dataset = AbstractDataset.from_config(name, entry, *version)
         dataset._version = version
-        catalog[name] = dataset
+        with _quiet_replacement():
+            catalog[name] = dataset
+
+
+@contextlib.contextmanager
+def _quiet_replacement() -> Iterator[None]:
+    """The replacements above are the point: Kedro's "Replacing dataset" warning about
+    them (one per versioned MLflow artifact, at every run) would only alarm."""
+    logger = logging.getLogger("kedro.io.data_catalog")  # the DataCatalog's logger
+    quiet = logging.Filter()
+    quiet.filter = lambda r: not r.getMessage().startswith("Replacing dataset")  # type: ignore[method-assign]
+    logger.addFilter(quiet)
+    try:
+        yield
+    finally:
+        logger.removeFilter(quiet)
 
 
 class ProjectHooks:
