@@ -44,8 +44,8 @@ from skin_lesion_classifier.evaluation.metrics import (
     confusion_matrix,
     recall_per_class,
 )
+from skin_lesion_classifier.evaluation.metrics import macro_roc_auc as macro_auc
 from skin_lesion_classifier.models.factory import create_model
-from skin_lesion_classifier.training.engine import macro_auc
 from skin_lesion_classifier.training.fusion import train_fusion_head
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -126,8 +126,12 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=5)
     ap.add_argument("--field-dropout", type=float, nargs="+", default=[0.0, 0.3, 0.5])
     ap.add_argument("--json", default=None)
-    ap.add_argument("--engine", action="store_true", help="also train the quick default")
-    ap.add_argument("--skip-image", action="store_true", help="no image-only reference head")
+    ap.add_argument(
+        "--engine", action="store_true", help="also train the quick default"
+    )
+    ap.add_argument(
+        "--skip-image", action="store_true", help="no image-only reference head"
+    )
     args = ap.parse_args()
     torch.set_num_threads(2)
     split = pd.read_parquet(ROOT / "data/03_primary/split_assignment.parquet")
@@ -315,7 +319,9 @@ def main() -> None:
                     )
                 ),
                 "mel_threshold": rule.melanoma_threshold,
-                "gain_vs_image_argmax": None if "image" not in probs else paired(
+                "gain_vs_image_argmax": None
+                if "image" not in probs
+                else paired(
                     y["test"],
                     g["test"],
                     p[s],
