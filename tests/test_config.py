@@ -110,7 +110,11 @@ def test_quick_overrides_only_the_keys_it_names(project_root):
     # keys the destructive merge used to drop under --env quick now come from base
     for key in ("grad_clip", "optimizer", "seed", "augment", "backbone_lr_mult"):
         assert q[key] == base["training"]["train"][key]
-    assert quick["training"]["mlflow_model"] == base["training"]["mlflow_model"]
+    # the mlflow_model block keeps base's keys beside the one quick names
+    assert quick["training"]["mlflow_model"] == {
+        **base["training"]["mlflow_model"],
+        "tta": quick["evaluation"]["tta"],
+    }
     assert quick["ensemble"]["members"]["member_2"]["train"]["batch_size"] == 256
 
 
