@@ -200,6 +200,44 @@ def small_split(metadata_df: pd.DataFrame, ham10000_dir: Path) -> pd.DataFrame:
     return make_small_split(metadata_df, ham10000_dir / "images", per_class=8)
 
 
+#: The known duplicate pairs of HAM10000: two byte-identical pairs within a lesion, and one
+#: picture filed under two lesion ids (``conf/base/parameters_ingestion.yml``).
+IDENTICAL_PAIRS = {("ISIC_0024366", "ISIC_0029861"), ("ISIC_0024777", "ISIC_0029938")}
+CROSS_LESION_PAIR = ("ISIC_0025226", "ISIC_0030074")
+
+
+@pytest.fixture(scope="session")
+def full_lesion_index(metadata_df: pd.DataFrame) -> pd.DataFrame:
+    """All 10,015 metadata rows as a splitter input: ``label`` and ``group_id`` (the lesion,
+    with the known cross-lesion duplicate pair merged into one group)."""
+    index = metadata_df.copy()
+    index["label"] = index["dx"].map(CLASS_TO_INDEX)
+    index["group_id"] = index["lesion_id"]
+    index.loc[index.image_id.isin(CROSS_LESION_PAIR), "group_id"] = "GROUP_dup_0025226"
+    return index
+
+
+@pytest.fixture(scope="session")
+def full_split_assignment(full_lesion_index: pd.DataFrame) -> pd.DataFrame:
+    """The project's split of all 10,015 images (70/15/15, seed 42) with 5 lesion-grouped
+    folds over train+val, plus ``orig_lesion``; computed once per session (scikit-learn's
+    ``StratifiedGroupKFold`` takes seconds on 7,470 groups). Copy before changing it."""
+    from skin_lesion_classifier.pipelines.splitting.nodes import assign_splits
+
+    params = {
+        "train_size": 0.7,
+        "val_size": 0.15,
+        "test_size": 0.15,
+        "seed": 42,
+        "n_folds": 5,
+    }
+    index = full_lesion_index
+    return assign_splits(index, params).merge(
+        index[["image_id", "lesion_id"]].rename(columns={"lesion_id": "orig_lesion"}),
+        on="image_id",
+    )
+
+
 def catalog_section(project_root: Path, *sections: str) -> dict:
     """The entries of ``conf/base/catalog.yml`` under ``# === section: <name>`` headers."""
     import yaml

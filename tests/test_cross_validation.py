@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from skin_lesion_classifier.constants import CLASS_TO_INDEX, CLASSES
+from skin_lesion_classifier.constants import CLASSES
 from skin_lesion_classifier.evaluation.cross_validation import (
     FOLD_METRICS,
     check_folds,
@@ -18,30 +18,14 @@ from skin_lesion_classifier.evaluation.cross_validation import (
     summarize_folds,
 )
 from skin_lesion_classifier.evaluation.evaluate import predictions_frame
-from skin_lesion_classifier.pipelines.splitting.nodes import assign_splits
 from tests.conftest import catalog_section, project_params, train_params
 
 
 @pytest.fixture(scope="module")
-def assignment(metadata_df: pd.DataFrame) -> pd.DataFrame:
+def assignment(full_split_assignment: pd.DataFrame) -> pd.DataFrame:
     """The project's split of all 10,015 images with 5 lesion-grouped folds (groups are
-    lesions, with the known cross-lesion duplicate pair merged)."""
-    index = metadata_df.copy()
-    index["label"] = index["dx"].map(CLASS_TO_INDEX)
-    index["group_id"] = index["lesion_id"]
-    pair = index.image_id.isin(["ISIC_0025226", "ISIC_0030074"])
-    index.loc[pair, "group_id"] = "GROUP_dup_0025226"
-    params = {
-        "train_size": 0.7,
-        "val_size": 0.15,
-        "test_size": 0.15,
-        "seed": 42,
-        "n_folds": 5,
-    }
-    return assign_splits(index, params).merge(
-        index[["image_id", "lesion_id"]].rename(columns={"lesion_id": "orig_lesion"}),
-        on="image_id",
-    )
+    lesions, with the known cross-lesion duplicate pair merged); see ``conftest``."""
+    return full_split_assignment.copy()
 
 
 def test_folds_never_share_a_lesion(assignment):

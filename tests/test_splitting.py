@@ -17,7 +17,7 @@ from skin_lesion_classifier.pipelines.splitting.nodes import (
     assign_splits,
     summarize_splits,
 )
-from tests.conftest import project_params
+from tests.conftest import CROSS_LESION_PAIR, IDENTICAL_PAIRS, project_params
 
 #: Largest allowed gap between a split's share of a class and its target share (absolute).
 SHARE_TOLERANCE = 0.02
@@ -31,44 +31,68 @@ SPLIT_PARAMS = {
 INGEST_PARAMS = {**project_params()["ingestion"], "workers": 2, "known_duplicates": []}
 
 
-@pytest.fixture(scope="module")
-def full_index(ham10000_dir, metadata_df):
-    """The real image index of all 10,015 images (decoded, hashed, duplicates found).
-    ``known_duplicates`` is left empty: the detector must find the cross-lesion pair itself."""
+#: Pictures decoded by the fast duplicate check besides those of the known pairs' lesions.
+N_OTHER_IMAGES = 300
+
+
+def _detect_duplicates(ham10000_dir, metadata):
+    """Decode, hash and compare the images of ``metadata`` (validated, images found on disk):
+    the ingestion nodes' ``(image_index, duplicates)``. ``known_duplicates`` is empty: the
+    detector must find the cross-lesion pair itself."""
     from skin_lesion_classifier.data.metadata import validate_metadata
 
-    metadata, meta_issues = validate_metadata(metadata_df)
-    checks = check_image_files(find_image_files(ham10000_dir / "images"), INGEST_PARAMS)
+    metadata, meta_issues = validate_metadata(metadata)
+    files = find_image_files(ham10000_dir / "images")
+    files = files[files.image_id.isin(metadata.image_id)]
+    checks = check_image_files(files, INGEST_PARAMS)
     index, issues, dups = build_image_index(
         metadata, meta_issues, checks, INGEST_PARAMS
     )
-    assert issues.empty and len(index) == 10015
+    assert issues.empty and len(index) == len(metadata)
     return index, dups
 
 
-def test_duplicates_found_in_real_data(full_index):
-    index, dups = full_index
+def _assert_known_duplicates_found(index, dups) -> None:
     identical = dups[dups.kind == "identical bytes"]
     assert {
         tuple(sorted(p)) for p in zip(identical.image_a, identical.image_b, strict=True)
-    } == {("ISIC_0024366", "ISIC_0029861"), ("ISIC_0024777", "ISIC_0029938")}
+    } == IDENTICAL_PAIRS
     cross = dups[dups.lesion_a != dups.lesion_b]
     assert {
         tuple(sorted(p)) for p in zip(cross.image_a, cross.image_b, strict=True)
-    } == {("ISIC_0025226", "ISIC_0030074")}
+    } == {CROSS_LESION_PAIR}
     g = index.set_index("image_id").group_id
-    assert g["ISIC_0025226"] == g["ISIC_0030074"]
+    assert g[CROSS_LESION_PAIR[0]] == g[CROSS_LESION_PAIR[1]]
     assert index.group_id.nunique() == index.lesion_id.nunique() - 1
 
 
-def test_split_is_lesion_and_duplicate_safe_and_stratified(full_index):
-    index, _ = full_index
-    split = assign_splits(index, SPLIT_PARAMS)
+def test_duplicates_found_in_real_images(ham10000_dir, metadata_df):
+    """Every image of the lesions behind the known pairs, among 300 other real images."""
+    pairs = [*sum(map(list, IDENTICAL_PAIRS), []), *CROSS_LESION_PAIR]
+    lesions = metadata_df.loc[metadata_df.image_id.isin(pairs), "lesion_id"]
+    near = metadata_df.lesion_id.isin(lesions)
+    others = metadata_df[~near].sample(N_OTHER_IMAGES, random_state=0)
+    subset = pd.concat([metadata_df[near], others]).reset_index(drop=True)
+    assert near.sum() >= len(pairs)
+    _assert_known_duplicates_found(*_detect_duplicates(ham10000_dir, subset))
+
+
+@pytest.mark.slow
+def test_duplicates_found_in_all_10015_images(ham10000_dir, metadata_df):
+    """The same check over the whole release: no other pair is found."""
+    index, dups = _detect_duplicates(ham10000_dir, metadata_df)
+    assert len(index) == 10015
+    _assert_known_duplicates_found(index, dups)
+
+
+def test_split_is_lesion_and_duplicate_safe_and_stratified(full_split_assignment):
+    split = full_split_assignment
     assert len(split) == 10015 and split.image_id.is_unique
-    # no lesion, no duplicate group and no split group on two sides
-    assert (split.groupby("lesion_id").split.nunique() == 1).all()
-    merged = split.merge(index[["image_id", "duplicate_group"]], on="image_id")
-    assert (merged.groupby("duplicate_group").split.nunique() == 1).all()
+    # no lesion, no duplicate pair and no split group on two sides
+    assert (split.groupby("orig_lesion").split.nunique() == 1).all()
+    side = split.set_index("image_id").split
+    for a, b in (*IDENTICAL_PAIRS, CROSS_LESION_PAIR):
+        assert side[a] == side[b], (a, b)
     assert (split.groupby("group_id").split.nunique() == 1).all()
     # class proportions per split within the stated tolerance of the targets
     counts = pd.crosstab(split.dx, split.split)
@@ -90,16 +114,16 @@ def test_split_is_lesion_and_duplicate_safe_and_stratified(full_index):
     assert table.set_index("dx").loc["mel", "total"] == 1113
 
 
-def test_split_is_reproducible_and_seed_dependent(full_index):
-    index, _ = full_index
+def test_split_is_reproducible_and_seed_dependent(full_lesion_index):
+    index = full_lesion_index
     a = stratified_group_split(index.dx, index.group_id, seed=1)
     b = stratified_group_split(index.dx, index.group_id, seed=1)
     c = stratified_group_split(index.dx, index.group_id, seed=2)
     assert (a == b).all() and (a != c).any()
 
 
-def test_split_sizes_follow_parameters(full_index):
-    index, _ = full_index
+def test_split_sizes_follow_parameters(full_lesion_index):
+    index = full_lesion_index
     split = assign_splits(
         index,
         {
