@@ -7,6 +7,8 @@ loosely (<= 0.05) and its top-1 agreement reported by ``export-onnx``.
 
 from __future__ import annotations
 
+import contextlib
+import io
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +18,6 @@ import torch
 from skin_lesion_classifier.inference.onnx_export import (
     FP32_TOLERANCE,
     compare_predictors,
-    export_and_verify,
 )
 from skin_lesion_classifier.inference.predictor import (
     OnnxPredictor,
@@ -49,12 +50,35 @@ def sample_images(samples_dir: Path) -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
-def exported(checkpoint: Path, sample_images: np.ndarray) -> dict:
+def cli_export(checkpoint: Path, samples_dir: Path) -> tuple[dict, str]:
+    """``export-onnx --int8`` of the checkpoint, checked on all 21 sample pictures: the report
+    that ``export_and_verify`` handed the command (recorded by a spy that calls the real
+    function) and what the command printed. This one export serves every test here."""
+    from skin_lesion_classifier.cli import main
+    from skin_lesion_classifier.inference import onnx_export
+
     torch.set_num_threads(1)
-    torch_pred = load_predictor(checkpoint)
-    return export_and_verify(
-        torch_pred, checkpoint.with_suffix(".onnx"), sample_images, int8=True
-    )
+    real, reports = onnx_export.export_and_verify, []
+
+    def spy(*args, **kwargs):
+        reports.append(real(*args, **kwargs))
+        return reports[-1]
+
+    printed = io.StringIO()
+    with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(printed):
+        mp.setattr(onnx_export, "export_and_verify", spy)
+        rc = main(
+            ["export-onnx", "--model", str(checkpoint), "--output",
+             str(checkpoint.with_suffix(".onnx")), "--images", str(samples_dir / "images"),
+             "--n-check", "21", "--int8"]
+        )  # fmt: skip
+    assert rc == 0 and len(reports) == 1
+    return reports[0], printed.getvalue()
+
+
+@pytest.fixture(scope="module")
+def exported(cli_export: tuple[dict, str]) -> dict:
+    return cli_export[0]
 
 
 def test_onnx_runtime_matches_pytorch_within_tolerance(
@@ -113,16 +137,12 @@ def test_onnx_without_meta_is_refused(tmp_path: Path, exported: dict) -> None:
 
 
 def test_cli_export_onnx_reports_the_difference(
-    checkpoint: Path, samples_dir: Path, tmp_path: Path, capsys
+    cli_export: tuple[dict, str], checkpoint: Path
 ) -> None:
-    from skin_lesion_classifier.cli import main
-
-    out = tmp_path / "cli.onnx"
-    rc = main(
-        ["export-onnx", "--model", str(checkpoint), "--output", str(out), "--images",
-         str(samples_dir / "images"), "--n-check", "6"]
-    )  # fmt: skip
-    assert rc == 0 and out.is_file()
-    text = capsys.readouterr().out
-    assert "fp32 ONNX Runtime vs PyTorch on 6 pictures: max |dp| =" in text
+    report, text = cli_export
+    assert Path(report["onnx_path"]) == checkpoint.with_suffix(".onnx")
+    assert Path(report["onnx_path"]).is_file() and Path(report["int8_path"]).is_file()
+    assert "fp32 ONNX Runtime vs PyTorch on 21 pictures: max |dp| =" in text
     assert "tolerance 0.0001" in text
+    assert f"int8 model {report['int8_path']}: " in text
+    assert "int8 vs PyTorch: max |dp| =" in text
