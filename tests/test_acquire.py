@@ -38,13 +38,37 @@ def test_named_folder_comes_first(tmp_path, two_part_source, ham10000_dir):
     assert again["copied"] == 0 and again["already_present"] == 21
 
 
-def test_shared_copy_is_used_and_checksum_matches(tmp_path, ham10000_dir):
-    dest = tmp_path / "01_raw"
-    info = acq.acquire(dest, shared=ham10000_dir, allow_download=False, link=True)
-    assert info["copied"] == 10015
+#: Real pictures in the shared copy of the fast test (the full release: the ``slow`` test).
+N_SHARED_IMAGES = 200
+
+
+def _check_shared_copy(dest, shared, n_images: int) -> None:
+    info = acq.acquire(dest, shared=shared, allow_download=False, link=True)
+    assert info["copied"] == n_images
     assert acq.md5sum(dest / acq.METADATA_FILE) == acq.METADATA_MD5
-    assert len(find_image_files(dest)) == 10015
-    assert all(p.is_symlink() for p in list((dest / "HAM10000_images").iterdir())[:20])
+    files = find_image_files(dest)
+    assert len(files) == n_images
+    links = list((dest / "HAM10000_images").iterdir())
+    assert all(p.is_symlink() for p in links[:20])
+    for p in links[:20]:  # each link leads to the real picture, not to a link
+        assert p.resolve() == (shared / "images" / p.name).resolve()
+        assert not p.readlink().is_symlink()
+
+
+def test_shared_copy_is_used_and_checksum_matches(tmp_path, ham10000_dir):
+    """A shared copy in the layout of ``../shared/data``: the release's metadata and 200 of
+    its real pictures (linked in from the shared data)."""
+    shared = tmp_path / "shared"
+    (shared / "images").mkdir(parents=True)
+    shutil.copy(ham10000_dir / acq.METADATA_FILE, shared / acq.METADATA_FILE)
+    for img in sorted((ham10000_dir / "images").glob("*.jpg"))[:N_SHARED_IMAGES]:
+        (shared / "images" / img.name).symlink_to(img)
+    _check_shared_copy(tmp_path / "01_raw", shared, N_SHARED_IMAGES)
+
+
+@pytest.mark.slow
+def test_the_whole_shared_copy_is_linked(tmp_path, ham10000_dir):
+    _check_shared_copy(tmp_path / "01_raw", ham10000_dir, 10015)
 
 
 def test_bad_named_folder_is_refused(tmp_path):
