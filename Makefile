@@ -51,7 +51,7 @@ test: setup  ## run the whole test suite (slow tests included)
 	$(BIN)/pytest
 
 test-fast: setup  ## the tests that train no model, start no service and run no kedro run
-	$(BIN)/pytest -m "not slow"
+	$(BIN)/pytest -m "not slow" -p no:hypothesispytest  # only the slow API fuzzing uses hypothesis: 2 s of imports saved
 
 lint: setup  ## ruff
 	$(BIN)/ruff check src tests
