@@ -228,7 +228,9 @@ def test_external_pipeline_reports_an_ensemble_with_the_gaps_listed(
     )
     assert m["issues"] == {"used": 20, "no_image": 1, "no_label": 1}
     assert m["model"]["uses_metadata"] and len(m["model"]["ensemble"]) == 2
-    assert logged["external_n_no_image"] == 1 and logged["external_n_no_label"] == 1
+    # keys carry the dataset name, as kedro-mlflow names them in a `kedro run`
+    key = "external_mlflow_metrics.external_n_{}".format
+    assert logged[key("no_image")] == 1 and logged[key("no_label")] == 1
     report = (out / "data/08_reporting/external_report.md").read_text()
     assert (
         external_set["missing_image"] in report and external_set["unlabeled"] in report
