@@ -49,14 +49,28 @@ def request_timeout(timeout_s: float) -> bytes:
 
 
 class _HeadDeadline:
-    """The deadline, for a uvicorn protocol (``self.loop``, ``self.transport``)."""
+    """The deadline, mixed in before a uvicorn protocol class (``self.loop``,
+    ``self.transport``): armed when a connection is made, disarmed when it is lost; each
+    protocol arms it at a request's first byte and disarms it once the head is complete."""
 
     loop: asyncio.AbstractEventLoop
     transport: asyncio.Transport
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._init_deadline()
+
     def _init_deadline(self) -> None:
         self.header_timeout_s = env_header_timeout_s()
         self._head_timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)  # type: ignore[misc]
+        self._arm()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm()
+        super().connection_lost(exc)  # type: ignore[misc]
 
     def _arm(self) -> None:
         if self._head_timer is None:
@@ -85,24 +99,12 @@ class _HeadDeadline:
 class HeaderTimeoutH11Protocol(_HeadDeadline, H11Protocol):
     """uvicorn's h11 protocol with the request-head deadline."""
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._init_deadline()
-
-    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        super().connection_made(transport)
-        self._arm()
-
     def data_received(self, data: bytes) -> None:
         if self.conn.their_state is h11.IDLE:  # a request head is (being) sent
             self._arm()
         super().data_received(data)
         if self.conn.their_state is not h11.IDLE:  # the head is complete
             self._disarm()
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._disarm()
-        super().connection_lost(exc)
 
 
 try:
@@ -114,14 +116,6 @@ else:
     class HeaderTimeoutHttpToolsProtocol(_HeadDeadline, HttpToolsProtocol):
         """uvicorn's httptools protocol with the request-head deadline."""
 
-        def __init__(self, *args: Any, **kwargs: Any) -> None:
-            super().__init__(*args, **kwargs)
-            self._init_deadline()
-
-        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-            super().connection_made(transport)
-            self._arm()
-
         def on_message_begin(self) -> None:  # the first byte of a request
             super().on_message_begin()
             self._arm()
@@ -129,9 +123,5 @@ else:
         def on_headers_complete(self) -> None:
             self._disarm()
             super().on_headers_complete()
-
-        def connection_lost(self, exc: Exception | None) -> None:
-            self._disarm()
-            super().connection_lost(exc)
 
     HeaderTimeoutProtocol = HeaderTimeoutHttpToolsProtocol
