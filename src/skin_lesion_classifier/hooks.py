@@ -111,13 +111,17 @@ def _version_mlflow_artifacts(
             catalog[name] = dataset
 
 
+class _NoReplacingWarning(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Replacing dataset")
+
+
 @contextlib.contextmanager
 def _quiet_replacement() -> Iterator[None]:
     """The replacements above are the point: Kedro's "Replacing dataset" warning about
     them (one per versioned MLflow artifact, at every run) would only alarm."""
     logger = logging.getLogger("kedro.io.data_catalog")  # the DataCatalog's logger
-    quiet = logging.Filter()
-    quiet.filter = lambda r: not r.getMessage().startswith("Replacing dataset")  # type: ignore[method-assign]
+    quiet = _NoReplacingWarning()
     logger.addFilter(quiet)
     try:
         yield
