@@ -9,6 +9,8 @@ import copy
 import functools
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -105,6 +107,22 @@ def kedro_env(**extra: str) -> dict[str, str]:
     env["KEDRO_DISABLE_TELEMETRY"] = "true"
     env.update(extra)
     return env
+
+
+def run_kedro(
+    cwd: Path, *args: str, env: dict | None = None, timeout: int = 600
+) -> subprocess.CompletedProcess:
+    """``kedro *args`` of this environment in ``cwd`` (environment: :func:`kedro_env` with
+    ``env`` on top), output captured, return code not checked."""
+    return subprocess.run(
+        [str(Path(sys.executable).with_name("kedro")), *args],
+        cwd=cwd,
+        env=kedro_env(**(env or {})),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
 
 
 def scratch_project(root: Path, *folders: str) -> Path:

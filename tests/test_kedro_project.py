@@ -4,35 +4,18 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pandas as pd
 import pytest
 
-from tests.conftest import kedro_env, project_params, scratch_project
-
-
-def _kedro(
-    cwd: Path, *args: str, env: dict | None = None
-) -> subprocess.CompletedProcess:
-    kedro = Path(sys.executable).with_name("kedro")
-    return subprocess.run(
-        [str(kedro), *args],
-        cwd=cwd,
-        env=kedro_env(**(env or {})),
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=False,
-    )
+from tests.conftest import project_params, run_kedro, scratch_project
 
 
 @pytest.mark.slow
 def test_pipelines_are_registered(tmp_path, project_root):
     proj = scratch_project(tmp_path)
-    out = _kedro(proj, "registry", "list")
+    out = run_kedro(proj, "registry", "list")
     assert out.returncode == 0, out.stderr[-3000:]
     for name in ("ingestion", "splitting", "__default__"):
         assert name in out.stdout
@@ -67,7 +50,7 @@ def test_ingestion_and_splitting_run_on_full_size_samples(
         b"\xff\xd8\xff broken"
     )
 
-    out = _kedro(
+    out = run_kedro(
         proj,
         "run",
         "--pipelines",
@@ -106,7 +89,7 @@ def test_quick_training_run_logs_the_resolved_config_without_warnings(
     grad_clip and augment, included), and the run prints no warning."""
     proj = scratch_project(tmp_path)
     _raw_samples(proj, samples_dir)
-    out = _kedro(
+    out = run_kedro(
         proj,
         "run",
         "--env",

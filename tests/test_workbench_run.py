@@ -22,7 +22,7 @@ import pandas as pd
 import pytest
 
 from skin_lesion_classifier.constants import CLASSES
-from tests.conftest import kedro_env, scratch_project
+from tests.conftest import kedro_env, run_kedro, scratch_project
 
 pytestmark = pytest.mark.slow
 
@@ -116,14 +116,13 @@ def served_run(tmp_path_factory, metadata_df, ham10000_dir):
     proc, uri = _start_server(root)
     try:
         proj = _project_with_data(root, metadata_df, ham10000_dir / "images")
-        out = subprocess.run(
-            [str(BIN / "kedro"), "run", "--params", PARAMS],
-            cwd=proj,
-            env=kedro_env(MLFLOW_TRACKING_URI=uri),
-            capture_output=True,
-            text=True,
+        out = run_kedro(
+            proj,
+            "run",
+            "--params",
+            PARAMS,
+            env={"MLFLOW_TRACKING_URI": uri},
             timeout=900,
-            check=False,
         )
         assert out.returncode == 0, (out.stdout + out.stderr)[-6000:]
         yield proj, uri
@@ -246,14 +245,8 @@ def test_notebooks_run_end_to_end(served_run, name: str, monkeypatch) -> None:
 
 def test_kedro_viz_build_writes_a_static_site_with_previews(served_run) -> None:
     proj, uri = served_run
-    out = subprocess.run(
-        [str(BIN / "kedro"), "viz", "build", "--include-previews"],
-        cwd=proj,
-        env=kedro_env(MLFLOW_TRACKING_URI=uri),
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=False,
+    out = run_kedro(
+        proj, "viz", "build", "--include-previews", env={"MLFLOW_TRACKING_URI": uri}
     )
     assert out.returncode == 0, (out.stdout + out.stderr)[-4000:]
     build = proj / "build"
