@@ -1,12 +1,14 @@
 """Loading the served model from MLflow: ``runs:/<id>/model``, ``models:/<name>/<version>``
 and ``models:/<model id>``, logged exactly as training logs it (the project's pyfunc with
-the checkpoint as an artifact), in a throw-away SQLite tracking store."""
+the checkpoint as an artifact, in the models-from-code form), in a throw-away SQLite
+tracking store."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from skin_lesion_classifier.models.checkpoint import save_checkpoint
@@ -21,7 +23,7 @@ def test_model_references_from_the_tracking_store(
     mlflow = pytest.importorskip("mlflow")
     from skin_lesion_classifier.api.model_source import open_predictor
     from skin_lesion_classifier.inference.predictor import load_predictor
-    from skin_lesion_classifier.mlflow_model import PIP_REQUIREMENTS, SkinLesionPyfunc
+    from skin_lesion_classifier.mlflow_model import PIP_REQUIREMENTS, log_model_args
 
     model, meta = tiny_model(
         [48, 64],
@@ -38,10 +40,10 @@ def test_model_references_from_the_tracking_store(
     with mlflow.start_run(experiment_id=exp) as run:
         info = mlflow.pyfunc.log_model(
             name="model",
-            python_model=SkinLesionPyfunc(),
             artifacts={"checkpoint": str(ckpt)},
             pip_requirements=PIP_REQUIREMENTS,
             registered_model_name="skin-lesion-test",
+            **log_model_args(meta["classes"], device="cpu", batch_size=8, tta=False),
         )
     picture = sorted((samples_dir / "images").glob("*.jpg"))[0]
     expected = load_predictor(ckpt).predict_one(picture)
@@ -55,5 +57,11 @@ def test_model_references_from_the_tracking_store(
         assert pred.version == version and pred.source == ref
         assert pred.decision.melanoma_threshold == 0.3
         np.testing.assert_allclose(pred.predict_one(picture), expected, atol=1e-6)
+        # the pyfunc itself (from code, with the logged model_config) predicts the same
+        pyfunc = mlflow.pyfunc.load_model(ref)
+        out = pyfunc.predict(pd.DataFrame({"path": [str(picture)]}))
+        np.testing.assert_allclose(
+            out.iloc[0, :-1].to_numpy(float), expected, atol=1e-6
+        )
     with pytest.raises(FileNotFoundError, match="could not fetch"):
         open_predictor("models:/no-such-model/7", tracking_uri=uri)

@@ -11,11 +11,11 @@ from kedro.io import DataCatalog, MemoryDataset
 from kedro.runner import SequentialRunner
 from kedro_mlflow.io.artifacts import MlflowArtifactDataset
 from kedro_mlflow.io.metrics import MlflowMetricsHistoryDataset
-from kedro_mlflow.io.models import MlflowModelTrackingDataset
 from mlflow.tracking import MlflowClient
 
 from skin_lesion_classifier.constants import CLASSES
 from skin_lesion_classifier.datasets.image_cache import ImageCacheDataset
+from skin_lesion_classifier.datasets.pyfunc_model import PyfuncModelDataset
 from skin_lesion_classifier.datasets.torch_checkpoint import TorchCheckpointDataset
 from skin_lesion_classifier.mlflow_model import PIP_REQUIREMENTS
 from skin_lesion_classifier.pipelines.model_input import (
@@ -87,9 +87,7 @@ def test_training_pipeline_runs_and_logs_to_mlflow(tmp_path, small_split, mlflow
             "training_history": MemoryDataset(),
             "training_metrics": MlflowMetricsHistoryDataset(),
             "best_validation_metrics": MlflowMetricsHistoryDataset(),
-            "mlflow_model": MlflowModelTrackingDataset(
-                flavor="mlflow.pyfunc",
-                pyfunc_workflow="python_model",
+            "mlflow_model": PyfuncModelDataset(
                 save_args={
                     "name": "model",
                     "artifacts": {"checkpoint": str(model_path)},

@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 import torch
 from kedro.io import DataCatalog, Version
-from kedro_mlflow.io.models import MlflowModelTrackingDataset
 
 from skin_lesion_classifier.constants import CLASSES
 from skin_lesion_classifier.datasets.torch_checkpoint import TorchCheckpointDataset
@@ -111,11 +110,11 @@ def test_an_unversioned_file_left_by_an_older_checkout_is_kept(tmp_path: Path) -
 
 
 def test_the_logged_model_carries_this_runs_checkpoint_version(tmp_path: Path) -> None:
+    from skin_lesion_classifier.datasets.pyfunc_model import PyfuncModelDataset
+
     path = str(tmp_path / "model.pt")
     checkpoint = TorchCheckpointDataset(path, version=Version(None, V2))
-    model = MlflowModelTrackingDataset(
-        flavor="mlflow.pyfunc",
-        pyfunc_workflow="python_model",
+    model = PyfuncModelDataset(
         save_args={"name": "model", "artifacts": {"checkpoint": path}},
     )
     catalog = DataCatalog({"model_checkpoint": checkpoint, "mlflow_model": model})

@@ -10,15 +10,25 @@ missing/unknown categories)::
 
     model = mlflow.pyfunc.load_model("models:/<model id>")
     model.predict(pd.DataFrame({"path": ["ISIC_0024306.jpg"]}))
+
+It is logged in MLflow's "models from code" form (:func:`log_model_args`): the file
+``mlflow_model_code.py`` builds it and the logged ``model_config`` sets its device, batch
+size and test-time augmentation, so no Python object is pickled. Its signature is explicit
+(:func:`pyfunc_signature`): the input columns (all optional), one output column per class
+and the ``tta`` parameter.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import mlflow.pyfunc
 import numpy as np
 import pandas as pd
+from mlflow.models import ModelSignature
+from mlflow.types import ColSpec, DataType, ParamSchema, ParamSpec, Schema
+from mlflow.types.schema import AnyType
 from PIL import Image
 
 from skin_lesion_classifier.data.images import load_resized, resize_rgb
@@ -37,8 +47,19 @@ PIP_REQUIREMENTS = [
     "scikit-learn",
 ]
 
+#: The models-from-code file that MLflow logs and runs to build the pyfunc.
+MODEL_CODE = Path(__file__).with_name("mlflow_model_code.py")
+
 
 def _to_uint8(item: Any, size: tuple[int, int]) -> np.ndarray:
+    if isinstance(item, list):  # an array as JSON carries it (MLflow's scoring server)
+        item = np.asarray(item)
+        if (
+            item.dtype.kind in "iu"
+            and item.size
+            and 0 <= item.min() <= item.max() <= 255
+        ):
+            item = item.astype(np.uint8)
     if isinstance(item, np.ndarray):
         if item.ndim != 3 or item.shape[-1] != 3 or item.dtype != np.uint8:
             raise ValueError(
@@ -80,6 +101,10 @@ class SkinLesionPyfunc(mlflow.pyfunc.PythonModel):
         self.predictor: TorchPredictor | None = None
 
     def load_context(self, context) -> None:
+        config = getattr(context, "model_config", None) or {}  # models from code
+        self.device_name = config.get("device", self.device_name)
+        self.batch_size = int(config.get("batch_size", self.batch_size))
+        self.tta = bool(config.get("tta", self.tta))
         self.predictor = TorchPredictor.from_checkpoint(
             context.artifacts["checkpoint"],
             device=detect_device(self.device_name),
@@ -116,3 +141,46 @@ class SkinLesionPyfunc(mlflow.pyfunc.PythonModel):
         )
         out["pred"] = [classes[i] for i in out.to_numpy().argmax(1)] if len(out) else []
         return out
+
+
+def pyfunc_signature(classes: list[str], tta: bool) -> ModelSignature:
+    """The pyfunc's signature: ``path`` (an image file) or ``image`` (a file path, raw
+    bytes or a uint8 array: any type), optional ``age``, ``sex`` and ``localization`` for
+    models that fuse metadata; ``prob_<class>`` per class and ``pred`` out; ``tta`` as a
+    parameter (default: the logged model's setting).
+
+    Given explicitly: MLflow infers no signature from a ``pd.DataFrame`` type hint."""
+    inputs = Schema(
+        [
+            ColSpec(DataType.string, "path", required=False),
+            ColSpec(AnyType(), "image", required=False),
+            ColSpec(AnyType(), "age", required=False),
+            ColSpec(DataType.string, "sex", required=False),
+            ColSpec(DataType.string, "localization", required=False),
+        ]
+    )
+    outputs = Schema(
+        [ColSpec(DataType.double, f"prob_{c}") for c in classes]
+        + [ColSpec(DataType.string, "pred")]
+    )
+    params = ParamSchema([ParamSpec("tta", DataType.boolean, bool(tta))])
+    return ModelSignature(inputs=inputs, outputs=outputs, params=params)
+
+
+def log_model_args(
+    classes: list[str], device: str, batch_size: int, tta: bool
+) -> dict[str, Any]:
+    """The ``mlflow.pyfunc.log_model`` arguments that define the model (the catalog's
+    ``save_args`` add its name, checkpoint artifact, code and requirements): the
+    models-from-code file, its ``model_config``, the signature and an input example."""
+    return {
+        "python_model": str(MODEL_CODE),
+        # a small grey picture: MLflow checks at logging that it goes through the model
+        "input_example": pd.DataFrame({"image": [np.full((3, 4, 3), 128, np.uint8)]}),
+        "model_config": {
+            "device": device,
+            "batch_size": int(batch_size),
+            "tta": bool(tta),
+        },
+        "signature": pyfunc_signature(classes, tta),
+    }

@@ -75,14 +75,21 @@ def best_validation_metrics(
     return {f"best_{k}": {"value": float(v), "step": 0} for k, v in metrics.items()}
 
 
-def make_mlflow_model(model_checkpoint: dict[str, Any], params: dict[str, Any]):
-    """The pyfunc wrapper logged as the MLflow model; its ``checkpoint`` artifact is the
-    saved ``model_checkpoint`` file (see ``conf/base/catalog.yml``)."""
-    from skin_lesion_classifier.mlflow_model import SkinLesionPyfunc
+def make_mlflow_model(
+    model_checkpoint: dict[str, Any], params: dict[str, Any]
+) -> dict[str, Any]:
+    """The ``log_model`` arguments of the pyfunc (MLflow's "models from code": the code
+    file, its ``model_config``, the signature for the checkpoint's classes, an input
+    example); the catalog's ``PyfuncModelDataset`` logs it with the saved
+    ``model_checkpoint`` file as its ``checkpoint`` artifact (see ``conf/base/catalog.yml``)."""
+    from skin_lesion_classifier.mlflow_model import log_model_args
 
     opts = params["mlflow_model"]
-    return SkinLesionPyfunc(
-        device=opts["device"], batch_size=int(opts["batch_size"]), tta=opts["tta"]
+    return log_model_args(
+        model_checkpoint["meta"]["classes"],
+        device=opts["device"],
+        batch_size=int(opts["batch_size"]),
+        tta=opts["tta"],
     )
 
 
