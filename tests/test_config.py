@@ -188,7 +188,8 @@ def test_every_catalog_entry_names_its_kedro_viz_layer(env):
 
 
 def test_the_project_pyfunc_predict_has_type_hints():
-    """MLflow validates and infers the signature from these (and warns without them)."""
+    """MLflow reads these (and warns without them); a DataFrame hint gives it no
+    signature, so the logged model's is explicit (``mlflow_model.pyfunc_signature``)."""
     import pandas as pd
     from mlflow.models.signature import _extract_type_hints
 
