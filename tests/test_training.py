@@ -284,6 +284,42 @@ def test_frozen_features_mode_trains_only_the_head(tmp_path, cache, parts):
     assert meta["model_kwargs"]["head"] == "multiscale"
 
 
+@pytest.mark.slow
+def test_partial_finetune_keeps_the_stem_and_leading_stages_frozen(cache, parts):
+    """frozen_stages: 2 trains stages 3+ and the head; the stem and the first two stages
+    keep their ImageNet weights and BatchNorm statistics."""
+    from skin_lesion_classifier.models.factory import create_model
+
+    result = _train(
+        cache,
+        parts,
+        arch="efficientnet_lite0",
+        pretrained=True,
+        allow_random_init=False,
+        frozen_stages=2,
+        epochs=1,
+        batch_size=16,
+    )
+    trained = result.model.state_dict()
+    start = create_model("efficientnet_lite0", pretrained=True, num_classes=7)
+    start = start.state_dict()
+    frozen_keys = [
+        k for k in start if k.startswith(("conv_stem", "bn1", "blocks.0.", "blocks.1."))
+    ]
+    later_weights = [
+        k for k in start if k.startswith("blocks.2.") and k.endswith("weight")
+    ]
+    later_stats = [
+        k for k in start if k.startswith("blocks.2.") and k.endswith("running_mean")
+    ]
+    assert frozen_keys and later_weights and later_stats
+    for k in frozen_keys:  # weights and BatchNorm buffers alike
+        assert torch.equal(trained[k], start[k]), k
+    assert any(not torch.equal(trained[k], start[k]) for k in later_weights)
+    assert any(not torch.equal(trained[k], start[k]) for k in later_stats)
+    assert result.checkpoint["meta"]["training"]["frozen_stages"] == 2
+
+
 @pytest.mark.parametrize(
     ("overrides", "match"),
     [
@@ -293,6 +329,12 @@ def test_frozen_features_mode_trains_only_the_head(tmp_path, cache, parts):
         ({"learning_rate": 0.1}, "unknown training option"),
         ({"pretrained": False, "allow_random_init": False}, "allow_random_init: true"),
         ({"scheduler": "linear"}, "scheduler must be one of"),
+        ({"frozen_stages": -1}, "frozen_stages must be >= 0"),
+        ({"frozen_stages": 2}, "needs train_mode: finetune and pretrained: true"),
+        (
+            {"arch": "efficientnet_lite0", "pretrained": True, "frozen_stages": 9},
+            "frozen_stages: 9 but EfficientNet has 7 stages",
+        ),
     ],
 )
 def test_bad_configs_fail_clearly(overrides, match):

@@ -36,6 +36,10 @@ class TrainConfig:
         augmented) and of the validation images are computed once, then only the head is
         trained on them for many cheap epochs. Use ``model_kwargs: {head: multiscale}`` to
         concatenate features of several stages. The result is still one ordinary model.
+
+    ``frozen_stages`` (``finetune`` only): the stem and this many leading stages of the
+    backbone keep their ImageNet weights and BatchNorm statistics
+    (:mod:`skin_lesion_classifier.models.stages`); 0 trains the whole network.
     """
 
     arch: str
@@ -44,6 +48,7 @@ class TrainConfig:
     model_kwargs: dict[str, Any]
     input_size: tuple[int, int]
     train_mode: str
+    frozen_stages: int
     feature_views: int
     epochs: int
     batch_size: int
@@ -136,6 +141,15 @@ class TrainConfig:
             raise ValueError(
                 f"pretrained: false would train {self.arch} from random weights; set "
                 "allow_random_init: true if that is really wanted"
+            )
+        if int(self.frozen_stages) < 0:
+            raise ValueError(f"frozen_stages must be >= 0, got {self.frozen_stages}")
+        if int(self.frozen_stages) > 0 and (
+            self.train_mode != "finetune" or not self.pretrained
+        ):
+            raise ValueError(
+                "frozen_stages keeps pretrained stages frozen while the rest fine-tunes: "
+                "it needs train_mode: finetune and pretrained: true"
             )
         if self.train_mode == "frozen_features" and not self.pretrained:
             raise ValueError(

@@ -43,6 +43,7 @@ from skin_lesion_classifier.models.checkpoint import (
     unwrap_model,
 )
 from skin_lesion_classifier.models.factory import create_model, resolve_preprocessing
+from skin_lesion_classifier.models.stages import freeze_leading_stages
 from skin_lesion_classifier.training.config import MONITORS, TrainConfig
 from skin_lesion_classifier.training.distributed import (
     SINGLE,
@@ -268,7 +269,11 @@ def build_model(
         "interpolation": prep["interpolation"],
         "uses_metadata": False,
         "train_class_counts": counts.tolist(),
-        "training": {"train_mode": cfg.train_mode, "pretrained": cfg.pretrained},
+        "training": {
+            "train_mode": cfg.train_mode,
+            "frozen_stages": cfg.frozen_stages,
+            "pretrained": cfg.pretrained,
+        },
     }
     model.to(device)
     if cfg.channels_last:
@@ -368,6 +373,7 @@ def train_model(
     ckpt_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
 
     # ---- what is trained, and how a batch is formed
+    kept_frozen = freeze_leading_stages(model, cfg.frozen_stages) if not frozen else []
     trainable, feeder, val_feats = _trainable_and_feeder(
         model,
         meta_base,
@@ -403,6 +409,8 @@ def train_model(
         if frozen:
             model.eval()
         trainable.train()
+        for module in kept_frozen:  # frozen stages keep their BatchNorm statistics
+            module.eval()
 
     def evaluate() -> dict[str, float]:
         module = stepper.ema.module if stepper.ema is not None else trainable
