@@ -529,7 +529,15 @@ def test_gradcam_of_a_fusion_model_and_of_an_ensemble(models, encoder, samples_d
 
 
 # ---------------------------------------------------------------------- ONNX
-@pytest.mark.parametrize("name", ["fusion", "ensemble"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        # the ensemble holds the fusion model as a member: its export (fast) goes through
+        # the same metadata input; the fusion model alone is a second export of seconds
+        pytest.param("fusion", marks=pytest.mark.slow),
+        "ensemble",
+    ],
+)
 def test_onnx_with_a_metadata_input_agrees_with_pytorch(
     models, samples_dir, tmp_path, name
 ) -> None:
