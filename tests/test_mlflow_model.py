@@ -23,7 +23,7 @@ def test_the_pyfunc_is_saved_from_code_without_warnings_and_loads_back(
 ) -> None:
     import mlflow
 
-    from skin_lesion_classifier.data.images import load_rgb
+    from skin_lesion_classifier.data.images import load_resized, load_rgb
     from skin_lesion_classifier.inference.predictor import load_predictor
     from skin_lesion_classifier.mlflow_model import (
         MODEL_CODE,
@@ -86,11 +86,14 @@ def test_the_pyfunc_is_saved_from_code_without_warnings_and_loads_back(
     predictor = load_predictor(ckpt, tta=True)
     expected = np.stack([predictor.predict_one(p) for p in pictures])
     np.testing.assert_allclose(out[columns[:-1]].to_numpy(), expected, atol=1e-5)
-    # arrays, and arrays as a JSON request carries them (nested lists), give the same
+    # arrays give the same; arrays as a JSON request carries them (nested lists) too
     arrays = [np.asarray(load_rgb(p)) for p in pictures]
-    for images in (arrays, [a.tolist() for a in arrays]):
-        again = loaded.predict(pd.DataFrame({"image": images}))
-        np.testing.assert_allclose(again[columns[:-1]].to_numpy(), expected, atol=1e-5)
+    again = loaded.predict(pd.DataFrame({"image": arrays}))
+    np.testing.assert_allclose(again[columns[:-1]].to_numpy(), expected, atol=1e-5)
+    small = [load_resized(p, (48, 64)) for p in pictures]  # short lists
+    as_arrays = loaded.predict(pd.DataFrame({"image": small}))
+    as_lists = loaded.predict(pd.DataFrame({"image": [a.tolist() for a in small]}))
+    pd.testing.assert_frame_equal(as_lists, as_arrays)
     # the tta parameter still switches test-time augmentation per call
     plain = loaded.predict(
         pd.DataFrame({"path": [str(p) for p in pictures]}), params={"tta": False}
