@@ -238,8 +238,8 @@ def full_lesion_index(metadata_df: pd.DataFrame) -> pd.DataFrame:
 @pytest.fixture(scope="session")
 def full_split_assignment(full_lesion_index: pd.DataFrame) -> pd.DataFrame:
     """The project's split of all 10,015 images (70/15/15, seed 42) with 5 lesion-grouped
-    folds over train+val, plus ``orig_lesion``; computed once per session (scikit-learn's
-    ``StratifiedGroupKFold`` takes seconds on 7,470 groups). Copy before changing it."""
+    folds over train+val, plus ``orig_lesion``; computed once per session. Copy before
+    changing it."""
     from skin_lesion_classifier.pipelines.splitting.nodes import assign_splits
 
     params = {
