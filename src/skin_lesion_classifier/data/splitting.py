@@ -64,11 +64,12 @@ def stratified_group_split(
         .index
     )
 
-    class_totals = labels.value_counts()
-    assigned = {c: np.zeros(len(names)) for c in class_totals.index}
+    class_totals = labels.value_counts().to_dict()
+    assigned = {c: np.zeros(len(names)) for c in class_totals}
     all_assigned = np.zeros(len(names))
     n_total = len(labels)
     choice: dict = {}
+    glabel, gsize = glabel.to_dict(), gsize.to_dict()  # plain lookups in the loop
     for g in order:
         c = glabel[g]
         size = gsize[g]
