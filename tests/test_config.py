@@ -106,7 +106,8 @@ def test_quick_overrides_only_the_keys_it_names(project_root):
             changed.append(path)
     assert kept > 100
     q = quick["training"]["train"]
-    assert q["train_mode"] == "frozen_features" and q["input_size"] == [150, 200]
+    assert q["train_mode"] == "finetune" and q["input_size"] == [96, 128]
+    assert q["frozen_stages"] == 3 and base["training"]["train"]["frozen_stages"] == 0
     # keys the destructive merge used to drop under --env quick now come from base
     for key in ("grad_clip", "optimizer", "seed", "augment", "backbone_lr_mult"):
         assert q[key] == base["training"]["train"][key]
@@ -115,7 +116,12 @@ def test_quick_overrides_only_the_keys_it_names(project_root):
         **base["training"]["mlflow_model"],
         "tta": quick["evaluation"]["tta"],
     }
+    # the quick ensemble's members keep the frozen-backbone head recipe at 150x200
+    for member in quick["ensemble"]["members"].values():
+        assert member["train"]["train_mode"] == "frozen_features"
+        assert member["train"]["frozen_stages"] == 0 and member["input_size"] == [150, 200]
     assert quick["ensemble"]["members"]["member_2"]["train"]["batch_size"] == 256
+    assert quick["ensemble"]["members"]["member_2"]["train"]["arch"] == "efficientnet_lite1"
 
 
 @pytest.mark.parametrize("env", ENVS)
