@@ -1,8 +1,12 @@
 # ruff: noqa: T201  (a benchmark prints its figures)
 """Benchmark: best single model vs metadata fusion vs ensembles, same split and seed.
 
-    .venv/bin/python scripts/bench_ensemble.py --config conf/quick/parameters_ensemble.yml \\
-        --size 96 128 --json data/08_reporting/bench_ensemble.json
+    .venv/bin/python scripts/bench_ensemble.py --env quick \\
+        --size 150 200 --json data/08_reporting/bench_ensemble.json
+
+The members, their training recipes (``training.train`` with each member's ``train`` on
+top, as the ensemble pipeline merges them) and the fusion-head recipe are the resolved
+``ensemble`` parameters of the Kedro environment ``--env``.
 
 CPU-budget design (no Kedro, no MLflow): for each member architecture the ImageNet
 backbone (packaged offline weights) stays frozen and its pooled multi-scale features are
@@ -36,8 +40,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-import yaml
 
+from skin_lesion_classifier.config_defaults import resolved_parameters, soft_merge
 from skin_lesion_classifier.constants import CLASS_TO_INDEX
 from skin_lesion_classifier.data.cache import build_image_cache
 from skin_lesion_classifier.data.metadata_features import with_metadata
@@ -89,7 +93,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    ap.add_argument("--config", default="conf/quick/parameters_ensemble.yml")
+    ap.add_argument("--env", default="quick", help="Kedro environment of the recipes")
     ap.add_argument("--size", type=int, nargs=2, default=None, metavar=("H", "W"))
     ap.add_argument("--image-index", default="data/02_intermediate/image_index.parquet")
     ap.add_argument("--split", default="data/03_primary/split_assignment.parquet")
@@ -105,7 +109,8 @@ def main(argv: list[str] | None = None) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     t_wall = time.perf_counter()
-    conf = yaml.safe_load(Path(args.config).read_text())["ensemble"]
+    conf = resolved_parameters("ensemble", args.env)
+    training = resolved_parameters("training", args.env)
     fusion_cfg = FusionHeadConfig.from_dict({**conf["fusion"], "feature_views": 1})
     rows, source = load_split(args)
     if args.limit:
@@ -124,8 +129,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     val_probs, test_probs, timings, members_meta, ckpts = {}, {}, {}, {}, {}
     for name, member in conf["members"].items():
-        train_cfg = member["training"]["train"]
-        size = tuple(args.size or train_cfg["input_size"])
+        train_cfg = soft_merge(training["train"], member["train"])
+        size = tuple(args.size or member["input_size"])
         t0 = time.perf_counter()
         model = create_model(
             train_cfg["arch"],
@@ -239,9 +244,7 @@ def main(argv: list[str] | None = None) -> dict:
         extra_inputs=metadata_inputs(ens_meta, with_metadata(few, rows)),
     )
     same_input = all(
-        list(conf["members"][m]["training"]["train"]["input_size"])
-        == ens_meta["input_size"]
-        or args.size
+        list(conf["members"][m]["input_size"]) == ens_meta["input_size"] or args.size
         for m in conf["members"]
     )
     ckpt_gap = float(np.abs(p_ckpt - test_probs["ensemble_meta"][:16]).max())
