@@ -106,7 +106,7 @@ def test_quick_overrides_only_the_keys_it_names(project_root):
             changed.append(path)
     assert kept > 100
     q = quick["training"]["train"]
-    assert q["train_mode"] == "finetune" and q["input_size"] == [96, 128]
+    assert q["train_mode"] == "finetune" and q["input_size"] == [128, 171]
     assert q["frozen_stages"] == 3 and base["training"]["train"]["frozen_stages"] == 0
     # keys the destructive merge used to drop under --env quick now come from base
     for key in ("grad_clip", "optimizer", "seed", "augment", "backbone_lr_mult"):

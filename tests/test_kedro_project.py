@@ -144,4 +144,4 @@ def test_quick_training_run_logs_the_resolved_config_without_warnings(
         assert logged[key] == str(value), (key, logged[key], value)
     assert logged["training.train.grad_clip"] == "2.0"  # from conf/base
     assert logged["training.train.frozen_stages"] == "3"  # from conf/quick
-    assert logged["model_input.input_size"] == "[96, 128]"  # conf/quick/globals.yml
+    assert logged["model_input.input_size"] == "[128, 171]"  # conf/quick/globals.yml
