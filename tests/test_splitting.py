@@ -139,37 +139,3 @@ def test_split_sizes_follow_parameters(full_lesion_index):
         frac["test"], 0.1, atol=0.01
     )
     assert (split.fold == -1).all()
-
-
-def test_group_kfold_gives_scikit_learns_stratified_group_folds(full_lesion_index):
-    """``group_kfold`` is scikit-learn's ``StratifiedGroupKFold`` (shuffled, seeded) fold
-    for fold, scored faster: checked on the images of 600 real lesions (the full release
-    would take scikit-learn seconds) and on random labels and groups with more classes."""
-    from sklearn.model_selection import StratifiedGroupKFold
-
-    from skin_lesion_classifier.data.splitting import group_kfold
-
-    def reference(labels, groups, n_folds, seed):
-        folds = np.full(len(labels), -1)
-        cv = StratifiedGroupKFold(n_splits=n_folds, shuffle=True, random_state=seed)
-        for k, (_, idx) in enumerate(cv.split(labels, labels, groups)):
-            folds[idx] = k
-        return folds
-
-    lesions = full_lesion_index.group_id.drop_duplicates().sample(600, random_state=0)
-    index = full_lesion_index[full_lesion_index.group_id.isin(lesions)]
-    np.testing.assert_array_equal(
-        group_kfold(index.dx, index.group_id, 5, 42),
-        reference(index.dx.to_numpy(), index.group_id, 5, 42),
-    )
-    rng = np.random.default_rng(0)
-    for seed in range(2):
-        labels = rng.integers(0, 12, 400)
-        groups = rng.integers(0, 150, 400)
-        np.testing.assert_array_equal(
-            group_kfold(labels, groups, 4, seed), reference(labels, groups, 4, seed)
-        )
-    with pytest.raises(ValueError, match="n_folds must be >= 2"):
-        group_kfold(labels, groups, 1)
-    with pytest.raises(ValueError, match="greater than the 3 groups"):
-        group_kfold(np.zeros(6), [0, 0, 1, 1, 2, 2], 4)

@@ -6,10 +6,9 @@ same side, and each split's class proportions follow the whole set's.
 
 from __future__ import annotations
 
-import warnings
-
 import numpy as np
 import pandas as pd
+from sklearn.model_selection import StratifiedGroupKFold
 
 SPLITS = ("train", "val", "test")
 
@@ -90,63 +89,17 @@ def group_kfold(
     n_folds: int,
     seed: int = 42,
 ) -> np.ndarray:
-    """Fold number (0..n_folds-1) per item: no group in two folds, class proportions kept
-    per fold.
-
-    The folds of scikit-learn's ``StratifiedGroupKFold(n_folds, shuffle=True,
-    random_state=seed)``, item for item (its algorithm: groups shuffled by the seed, then
-    visited by decreasing spread of their class counts, each to the fold that keeps the
-    per-class fold shares most even, ties to the smaller fold), with every candidate fold
-    of a group scored in one array operation instead of one at a time (HAM10000's 6,000
-    development lesions in 5 folds: 2.4 s -> 0.3 s)."""
+    """Fold number (0..n_folds-1) per item from scikit-learn's ``StratifiedGroupKFold``:
+    no group in two folds, class proportions kept per fold."""
     if n_folds < 2:
         raise ValueError(f"n_folds must be >= 2, got {n_folds}")
-    _, y_inv, y_cnt = np.unique(
-        np.asarray(labels), return_inverse=True, return_counts=True
-    )
-    _, g_inv, g_cnt = np.unique(
-        np.asarray(groups), return_inverse=True, return_counts=True
-    )
-    if np.all(n_folds > y_cnt):
-        raise ValueError(
-            f"n_folds={n_folds} cannot be greater than the number of members in each class"
-        )
-    if n_folds > y_cnt.min():
-        warnings.warn(
-            f"The least populated class has only {y_cnt.min()} members, which is less "
-            f"than n_folds={n_folds}.",
-            UserWarning,
-            stacklevel=2,
-        )
-    n_groups, n_classes = len(g_cnt), len(y_cnt)
-    if n_folds > n_groups:
-        raise ValueError(f"n_folds={n_folds} is greater than the {n_groups} groups")
-    per_group = np.zeros((n_groups, n_classes))
-    np.add.at(per_group, (g_inv, y_inv), 1)
-    perm = np.arange(n_groups)
-    np.random.RandomState(seed).shuffle(perm)  # scikit-learn's check_random_state(seed)
-    per_group = per_group[perm]
-    inv_perm = np.empty_like(perm)
-    inv_perm[perm] = np.arange(n_groups)
-    g_inv = inv_perm[g_inv]
-    order = np.argsort(-np.std(per_group, axis=1), kind="stable")
-    per_fold = np.zeros((n_folds, n_classes))
-    fold_of = np.empty(n_groups, dtype=np.int64)
-    diag = np.arange(n_folds)
-    for g in order:
-        counts = per_group[g]
-        candidates = np.repeat(per_fold[None], n_folds, axis=0)  # group g in fold i
-        candidates[diag, diag] += counts
-        spread = np.std(candidates / y_cnt, axis=1).mean(axis=1)
-        sizes = per_fold.sum(axis=1)
-        best, best_spread, best_size = 0, np.inf, np.inf
-        for i in range(n_folds):  # first best, ties (np.isclose) to the smaller fold
-            close = abs(spread[i] - best_spread) <= 1e-8 + 1e-5 * abs(best_spread)
-            if spread[i] < best_spread or (close and sizes[i] < best_size):
-                best, best_spread, best_size = i, spread[i], sizes[i]
-        per_fold[best] += counts
-        fold_of[g] = best
-    return fold_of[g_inv]
+    labels = np.asarray(labels)
+    groups = np.asarray(groups)
+    folds = np.full(len(labels), -1, dtype=np.int64)
+    cv = StratifiedGroupKFold(n_splits=n_folds, shuffle=True, random_state=seed)
+    for k, (_, idx) in enumerate(cv.split(np.zeros(len(labels)), labels, groups)):
+        folds[idx] = k
+    return folds
 
 
 def split_report(assignment: pd.DataFrame, label_col: str = "dx") -> pd.DataFrame:
