@@ -143,8 +143,38 @@ def intro_section(metrics: Mapping[str, Any], title: str) -> list[str]:
 
 
 def headline_section(metrics: Mapping[str, Any]) -> list[str]:
-    """The headline figures of the test split with their bootstrap intervals."""
+    """The headline figures of the test split with their bootstrap intervals (and, for a
+    model that fuses patient metadata, the same figures with the metadata withheld)."""
     ci = metrics.get("bootstrap_settings", {})
+    withheld = metrics.get("metadata_withheld")
+    if withheld:
+        rows = headline_rows(metrics)
+        other = {(r["metric"], r["rule"]): r for r in headline_rows(withheld)}
+        body = [
+            [
+                r["metric"],
+                r["rule"],
+                fmt_ci(r),
+                fmt_ci(other[(r["metric"], r["rule"])])
+                if (r["metric"], r["rule"]) in other
+                else "",
+            ]
+            for r in rows
+        ]
+        headers = ["metric", "rule", "estimate [95% CI]", "metadata withheld"]
+    else:
+        body = [[r["metric"], r["rule"], fmt_ci(r)] for r in headline_rows(metrics)]
+        headers = ["metric", "rule", "estimate [95% CI]"]
+    note = (
+        [
+            "The model fuses the patient's age, sex and site; *metadata withheld* is the "
+            "same model and decision rule with every field unknown, as for most "
+            "external pictures.",
+            "",
+        ]
+        if withheld
+        else []
+    )
     return [
         "## Headline (test split)",
         "",
@@ -153,10 +183,8 @@ def headline_section(metrics: Mapping[str, Any]) -> list[str]:
         "all images of a drawn lesion come along. The *rule* column says which decision "
         "produced each figure.",
         "",
-        table(
-            ["metric", "rule", "estimate [95% CI]"],
-            [[r["metric"], r["rule"], fmt_ci(r)] for r in headline_rows(metrics)],
-        ),
+        *note,
+        table(headers, body),
         "",
     ]
 

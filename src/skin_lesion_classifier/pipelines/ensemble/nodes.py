@@ -55,7 +55,8 @@ def member_parameters(
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """A member's ``model_input`` and ``training`` parameters: the project's, with the
     member's ``input_size`` (declared once, for its image cache and its model), its
-    ``checkpoint_dir`` and the ``train`` keys it names on top (soft merge)."""
+    ``checkpoint_dir`` and the ``train`` keys it names on top (soft merge), without the
+    metadata prior (a member is an image model; ``<member>_meta`` fuses the metadata)."""
     keys = set(member)
     if keys != set(MEMBER_KEYS):
         raise ValueError(
@@ -67,7 +68,13 @@ def member_parameters(
     train = soft_merge(training["train"], {**dict(member["train"]), "input_size": size})
     return (
         {**dict(model_input), "input_size": size},
-        {**dict(training), "checkpoint_dir": member["checkpoint_dir"], "train": train},
+        {
+            **dict(training),
+            "checkpoint_dir": member["checkpoint_dir"],
+            "train": train,
+            # a member is an image model; its metadata fusion is the <member>_meta stage
+            "metadata_prior": {"enabled": False},
+        },
     )
 
 

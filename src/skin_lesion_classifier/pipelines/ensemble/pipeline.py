@@ -100,7 +100,7 @@ def _evaluation(name: str) -> Pipeline:
     return pipeline(
         tail,
         namespace=name,
-        inputs={"split_assignment": "split_assignment"},
+        inputs=SHARED,
         parameters={"params:evaluation": "params:evaluation"},
     )
 

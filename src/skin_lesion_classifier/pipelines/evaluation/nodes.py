@@ -53,6 +53,7 @@ def predict_split(
     params: Mapping[str, Any],
     split: str,
     image_index: pd.DataFrame | None = None,
+    withhold_metadata: bool = False,
 ) -> pd.DataFrame:
     """Class probabilities of every image of ``split`` (the ``predictions`` contract).
 
@@ -64,6 +65,8 @@ def predict_split(
     localization`` (its own ``metadata_encoder``; blank age and unknown sex / site are
     encoded as such), taken from the split rows when they carry those columns, else joined
     by ``image_id`` from ``image_index`` (or from ``images`` when that is the index).
+    ``withhold_metadata``: every field unknown instead (what a request without metadata
+    gets).
     """
     predictor = TorchPredictor.from_checkpoint(
         _checkpoint_source(model_checkpoint),
@@ -74,7 +77,11 @@ def predict_split(
     rows = split_rows(split_assignment, split)
     if image_index is None and isinstance(images, pd.DataFrame):
         image_index = images
-    extra = metadata_inputs(predictor.meta, rows, image_index)
+    extra = (
+        None
+        if withhold_metadata
+        else metadata_inputs(predictor.meta, rows, image_index)
+    )
     prob = predictor.predict(
         images_for(images, rows["image_id"], predictor.input_size), extra
     )
@@ -83,7 +90,7 @@ def predict_split(
         len(rows),
         split,
         params["tta"],
-        extra is not None,
+        "withheld" if withhold_metadata else extra is not None,
     )
     return predictions_frame(rows, prob)
 
@@ -96,6 +103,44 @@ def predict_validation(model_checkpoint, split_assignment, images, params):
 def predict_test(model_checkpoint, split_assignment, images, params):
     """:func:`predict_split` on the ``test`` split."""
     return predict_split(model_checkpoint, split_assignment, images, params, "test")
+
+
+def uses_metadata(model_checkpoint: Any) -> bool:
+    """Whether the checkpoint's model fuses patient metadata."""
+    meta = read_checkpoint(_checkpoint_source(model_checkpoint))["meta"]
+    return bool(meta.get("uses_metadata"))
+
+
+def _withheld(model_checkpoint, split_assignment, images, predictions, params, split):
+    if not uses_metadata(model_checkpoint):
+        return predictions  # an image model: withholding metadata changes nothing
+    return predict_split(
+        model_checkpoint,
+        split_assignment,
+        images,
+        params,
+        split,
+        withhold_metadata=True,
+    )
+
+
+def predict_validation_withheld(
+    model_checkpoint, split_assignment, images, val_predictions, params
+):
+    """The ``val`` predictions with every metadata field unknown (a model that fuses
+    metadata; an image model's ``val_predictions`` are returned as they are)."""
+    return _withheld(
+        model_checkpoint, split_assignment, images, val_predictions, params, "val"
+    )
+
+
+def predict_test_withheld(
+    model_checkpoint, split_assignment, images, test_predictions, params
+):
+    """:func:`predict_validation_withheld` for the ``test`` split."""
+    return _withheld(
+        model_checkpoint, split_assignment, images, test_predictions, params, "test"
+    )
 
 
 def _train_counts(model_checkpoint: Any, split_assignment: pd.DataFrame) -> list[int]:
@@ -147,9 +192,16 @@ def compute_metrics(
     model_checkpoint: Any,
     split_assignment: pd.DataFrame,
     params: Mapping[str, Any],
+    val_predictions_withheld: pd.DataFrame | None = None,
+    test_predictions_withheld: pd.DataFrame | None = None,
 ) -> tuple[dict[str, Any], dict[str, dict[str, float]]]:
     """Every figure of both splits under the arg-max and the chosen rule, plus the
-    headline figures as MLflow metrics (``{name: {"value", "step"}}``)."""
+    headline figures as MLflow metrics (``{name: {"value", "step"}}``).
+
+    For a model that fuses patient metadata, the same figures with the metadata withheld
+    (the same model and decision rule, every field unknown) go under
+    ``metadata_withheld`` (``headline`` included) and into MLflow as
+    ``<split>_withheld_<metric>``."""
     rule = DecisionRule.from_dict(decision_rule)
     meta = read_checkpoint(_checkpoint_source(model_checkpoint))["meta"]
     boot = params["bootstrap"]
@@ -184,9 +236,38 @@ def compute_metrics(
         "splits": splits,
         "class_imbalance": f1_vs_training_size(counts, f1),
     }
+    withheld = None
+    if meta.get("uses_metadata") and val_predictions_withheld is not None:
+        withheld = {
+            name: evaluate_split(
+                frame["label"].to_numpy(),
+                probabilities_of(frame),
+                frame["lesion_id"].to_numpy(),
+                rule,
+                **kwargs,
+            )
+            for name, frame in (
+                ("val", val_predictions_withheld),
+                ("test", test_predictions_withheld),
+            )
+        }
     metrics = to_jsonable(metrics)
     metrics["headline"] = to_jsonable(headline_rows(metrics, "test"))
-    return metrics, mlflow_metrics(metrics)
+    logged = mlflow_metrics(metrics)
+    if withheld is not None:
+        part = {
+            "splits": to_jsonable(withheld),
+            "decision_rule": metrics["decision_rule"],
+        }
+        part["headline"] = to_jsonable(headline_rows(part, "test"))
+        metrics["metadata_withheld"] = part
+        logged.update(
+            {
+                k.replace("_", "_withheld_", 1): v
+                for k, v in mlflow_metrics(part).items()
+            }
+        )
+    return metrics, logged
 
 
 def mlflow_metrics(metrics: Mapping[str, Any]) -> dict[str, dict[str, float]]:

@@ -1,4 +1,8 @@
-"""Evaluation: saved model -> val/test predictions -> decision rule (val only) -> metrics."""
+"""Evaluation: saved model -> val/test predictions -> decision rule (val only) -> metrics.
+
+A model that fuses patient metadata is also scored with the metadata withheld (every field
+unknown, as for most external pictures): ``val/test_predictions_withheld`` and the
+``metadata_withheld`` block of the metrics. For an image model those are its predictions."""
 
 from kedro.pipeline import Node, Pipeline
 
@@ -7,7 +11,9 @@ from .nodes import (
     compute_metrics,
     make_isic_submission,
     predict_test,
+    predict_test_withheld,
     predict_validation,
+    predict_validation_withheld,
 )
 
 
@@ -37,6 +43,30 @@ def create_pipeline(**kwargs) -> Pipeline:
                 name="predict_test",
             ),
             Node(
+                predict_validation_withheld,
+                [
+                    "model_checkpoint",
+                    "split_assignment",
+                    "image_index",
+                    "val_predictions",
+                    "params:evaluation",
+                ],
+                "val_predictions_withheld",
+                name="predict_validation_withheld",
+            ),
+            Node(
+                predict_test_withheld,
+                [
+                    "model_checkpoint",
+                    "split_assignment",
+                    "image_index",
+                    "test_predictions",
+                    "params:evaluation",
+                ],
+                "test_predictions_withheld",
+                name="predict_test_withheld",
+            ),
+            Node(
                 choose_rule,
                 [
                     "val_predictions",
@@ -56,6 +86,8 @@ def create_pipeline(**kwargs) -> Pipeline:
                     "model_checkpoint",
                     "split_assignment",
                     "params:evaluation",
+                    "val_predictions_withheld",
+                    "test_predictions_withheld",
                 ],
                 ["evaluation_metrics", "evaluation_mlflow_metrics"],
                 name="compute_metrics",

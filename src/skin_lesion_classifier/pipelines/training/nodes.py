@@ -2,15 +2,26 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import pandas as pd
 
 from skin_lesion_classifier.constants import CLASSES
 from skin_lesion_classifier.data.cache import ImageCache
+from skin_lesion_classifier.data.metadata_features import with_metadata
+from skin_lesion_classifier.device import detect_device
+from skin_lesion_classifier.models.checkpoint import load_model, make_checkpoint
+from skin_lesion_classifier.models.metadata_prior import (
+    attach_metadata_prior,
+    choose_alpha,
+    fit_metadata_prior,
+)
 from skin_lesion_classifier.training.config import TrainConfig
 from skin_lesion_classifier.training.engine import train_model
 from skin_lesion_classifier.training.launch import launch_training
+
+logger = logging.getLogger(__name__)
 
 
 def _split(split_assignment: pd.DataFrame, name: str) -> pd.DataFrame:
@@ -51,6 +62,71 @@ def train_classifier(
             checkpoint_dir=params["checkpoint_dir"],
         )
     return result.checkpoint, result.history, history_to_metrics(result.history)
+
+
+def add_metadata_prior(
+    image_model_checkpoint: dict[str, Any],
+    image_cache: ImageCache,
+    split_assignment: pd.DataFrame,
+    image_index: pd.DataFrame,
+    params: dict[str, Any],
+) -> dict[str, Any]:
+    """The trained image model with the patient's age, sex and site fused in as a
+    likelihood ratio (:mod:`skin_lesion_classifier.models.metadata_prior`), or the image
+    model unchanged when ``params["metadata_prior"]["enabled"]`` is false or validation
+    chooses ``alpha = 0``.
+
+    The prior is fitted on the ``train`` rows' metadata; a list of ``alpha`` values is
+    chosen on the ``val`` rows (log loss of the fused probabilities, the image model's
+    single-view predictions); the test rows are not read."""
+    cfg = params.get("metadata_prior") or {}
+    if not cfg.get("enabled", False):
+        return image_model_checkpoint
+    grid = cfg["alpha"]
+    grid = [float(a) for a in (grid if isinstance(grid, list | tuple) else [grid])]
+    if not grid or any(a < 0 for a in grid):
+        raise ValueError(
+            f"metadata_prior.alpha must be >= 0 (or a list of them), got {grid}"
+        )
+    rows = with_metadata(split_assignment, image_index)
+    prior = fit_metadata_prior(
+        _split(rows, "train"),
+        image_model_checkpoint["meta"]["classes"],
+        C=float(cfg["C"]),
+        min_site_count=int(cfg["min_site_count"]),
+    )
+    model, meta = load_model(image_model_checkpoint, "cpu")
+    details: dict[str, Any] = {"C": float(cfg["C"]), "alpha_grid": grid}
+    if len(grid) == 1:
+        alpha = grid[0]
+    else:
+        from skin_lesion_classifier.inference.predictor import TorchPredictor
+
+        val = _split(rows, "val")
+        train_cfg = params["train"]
+        predictor = TorchPredictor.from_checkpoint(
+            image_model_checkpoint,
+            device=detect_device(train_cfg.get("device", "auto")),
+            batch_size=int(train_cfg.get("eval_batch_size", 64)),
+        )
+        p = predictor.predict(image_cache.take(val["image_id"]))
+        alpha, losses = choose_alpha(
+            prior,
+            p,
+            prior.encoder.transform(val),
+            val["label"].to_numpy(dtype=int),
+            grid,
+        )
+        details["val_log_loss"] = {str(a): v for a, v in losses.items()}
+        logger.info(
+            "metadata prior: alpha %.2f chosen on validation (log loss %s)",
+            alpha,
+            ", ".join(f"{a:g}: {v:.4f}" for a, v in losses.items()),
+        )
+    if alpha == 0:
+        return image_model_checkpoint
+    fused, new_meta = attach_metadata_prior(model, meta, prior, alpha, details)
+    return make_checkpoint(fused, new_meta)
 
 
 def history_to_metrics(history: pd.DataFrame) -> dict[str, list[dict[str, float]]]:

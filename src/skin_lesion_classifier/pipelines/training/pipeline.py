@@ -1,9 +1,12 @@
-"""training: image cache + split assignment -> model checkpoint, history, MLflow model,
-registered model version (the ``champion`` alias moves only to a better one)."""
+"""training: image cache + split assignment -> image model, the patient-metadata prior
+fused into it (age, sex, site; off in the parameters keeps the image model) -> model
+checkpoint, history, MLflow model, registered model version (the ``champion`` alias moves
+only to a better one)."""
 
 from kedro.pipeline import Node, Pipeline
 
 from .nodes import (
+    add_metadata_prior,
     best_validation_metrics,
     make_mlflow_model,
     register_model,
@@ -19,8 +22,20 @@ def create_pipeline(params: str = "params:training", **kwargs) -> Pipeline:
             Node(
                 train_classifier,
                 ["image_cache", "split_assignment", params],
-                ["model_checkpoint", "training_history", "training_metrics"],
+                ["image_model_checkpoint", "training_history", "training_metrics"],
                 name="train_classifier",
+            ),
+            Node(
+                add_metadata_prior,
+                [
+                    "image_model_checkpoint",
+                    "image_cache",
+                    "split_assignment",
+                    "image_index",
+                    params,
+                ],
+                "model_checkpoint",
+                name="add_metadata_prior",
             ),
             Node(
                 best_validation_metrics,
