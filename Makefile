@@ -41,7 +41,7 @@ run: setup  ## the whole pipeline, ingestion -> report (GPU config on CUDA, quic
 train: setup  ## ingestion, splitting and training with the default (GPU) config
 	$(KEDRO) run --pipelines ingestion,splitting,model_input,training
 
-quick-train: setup  ## the same with the quick CPU config (about 12 minutes on 2 cores)
+quick-train: setup  ## the same with the quick CPU config (8-12 minutes on 2 cores)
 	$(KEDRO) run --env quick --pipelines ingestion,splitting,model_input,training
 
 evaluate: setup  ## evaluation + reporting on the latest model (or VERSION=<model version>), without retraining

@@ -239,3 +239,9 @@ def test_evaluation_scores_a_metadata_model_with_the_metadata_withheld(
     )
     text = "\n".join(headline_section(metrics))
     assert "metadata withheld" in text and "every field unknown" in text
+    from skin_lesion_classifier.show_results import headline_table
+
+    table = headline_table(metrics)
+    assert table.columns[-1].header == "metadata withheld"
+    assert table.row_count == len(metrics["headline"])
+    assert headline_table(image_metrics).columns[-1].header != "metadata withheld"

@@ -4,7 +4,8 @@
 evaluation metrics JSON (default ``data/08_reporting/evaluation_metrics.json``, its latest
 version; name ``.../evaluation_metrics.json/<version>/evaluation_metrics.json`` for an
 earlier one) written by the evaluation pipeline and prints, with rich, every headline figure with its lesion-bootstrap
-interval and the decision rule that produced it.
+interval and the decision rule that produced it (and, for a model that fuses patient
+metadata, the same figure with the metadata withheld).
 """
 
 from __future__ import annotations
@@ -66,14 +67,25 @@ def headline_table(metrics: dict, split: str = "test") -> Table:
     table.add_column("rule", style="cyan")
     table.add_column("estimate", justify="right", style="bold")
     table.add_column(f"{level:.0%} interval", justify="right")
+    withheld = metrics.get("metadata_withheld")
+    other = {}
+    if withheld and split in withheld.get("splits", {}):
+        # a model that fuses metadata: the same figures with every field unknown
+        table.add_column("metadata withheld", justify="right")
+        other = {(r["metric"], r["rule"]): r for r in headline_rows(withheld, split)}
     for r in rows:
-        interval = (
-            f"[{fmt(r.get('low'))}, {fmt(r.get('high'))}]"
-            if r.get("low") is not None or r.get("high") is not None
-            else ""
-        )
-        table.add_row(r["metric"], r["rule"], fmt(r.get("estimate")), interval)
+        cells = [r["metric"], r["rule"], fmt(r.get("estimate")), _interval(r)]
+        if withheld:
+            w = other.get((r["metric"], r["rule"]))
+            cells.append(f"{fmt(w.get('estimate'))} {_interval(w)}" if w else "")
+        table.add_row(*cells)
     return table
+
+
+def _interval(r: dict) -> str:
+    if r.get("low") is None and r.get("high") is None:
+        return ""
+    return f"[{fmt(r.get('low'))}, {fmt(r.get('high'))}]"
 
 
 def main(argv: list[str] | None = None) -> int:
