@@ -90,5 +90,6 @@ def test_cpu_finetune_is_the_gpu_recipe_at_a_reduced_size():
         "data_path",
         "max_train_minutes",
     }
-    assert long["input_size"] == [96, 128] and long["train_mode"] == "finetune"
+    assert long["input_size"] == [128, 171] and long["train_mode"] == "finetune"
+    assert long["frozen_stages"] == 0  # every stage trains
     TrainConfig.from_dict(long)
