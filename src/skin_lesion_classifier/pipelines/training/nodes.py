@@ -106,8 +106,8 @@ def add_metadata_prior(
         train_cfg = params["train"]
         predictor = TorchPredictor.from_checkpoint(
             image_model_checkpoint,
-            device=detect_device(train_cfg.get("device", "auto")),
-            batch_size=int(train_cfg.get("eval_batch_size", 64)),
+            device=detect_device(train_cfg["device"]),
+            batch_size=int(train_cfg["eval_batch_size"]),
         )
         p = predictor.predict(image_cache.take(val["image_id"]))
         alpha, losses = choose_alpha(
